@@ -1,0 +1,187 @@
+"""Registry: versions of a model in MLflow, their artifacts, aliases and checksums.
+
+A registered version's source is a run artifact folder ``model/`` holding
+``model.onnx``, ``schema.json``, ``spec.yaml``, ``metrics.json``, ``profile.json``
+and ``lineage.json``; the version's ``onnx_sha256`` tag is checked on every load.
+The embedded default store is SQLite under ``<state>/`` with artifacts beside it;
+``MLFLOW_TRACKING_URI`` points everything at a real MLflow server instead.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+CANDIDATE = "candidate"
+PRODUCTION = "production"
+
+
+class RegistryError(LookupError):
+    """Unknown model, version or alias, or an artifact that fails its checksum."""
+
+
+@dataclass(frozen=True)
+class ModelArtifact:
+    name: str
+    version: str
+    onnx_bytes: bytes
+    schema: dict[str, Any]
+    metrics: dict[str, Any]
+    profile: dict[str, Any]
+
+
+def tracking_uri(state_dir: Path = Path(".rayship")) -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else an absolute SQLite URI under ``state_dir``."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    state_dir = state_dir.resolve()
+    state_dir.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{state_dir / 'mlflow.db'}"
+
+
+def client(uri: str):
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def ensure_experiment(uri: str, name: str) -> str:
+    """The experiment's id, creating it with artifacts beside a SQLite store when local."""
+    c = client(uri)
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    location = None
+    if uri.startswith("sqlite:///"):
+        location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
+    return c.create_experiment(name, artifact_location=location)
+
+
+def sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def log_winner(
+    uri: str,
+    name: str,
+    *,
+    onnx_bytes: bytes,
+    files: dict[str, Any],
+    params: dict[str, Any],
+    metrics: dict[str, float],
+    tags: dict[str, str],
+) -> tuple[str, str]:
+    """Log the winner's run with its ``model/`` artifacts; returns (run id, artifact source URI)."""
+    c = client(uri)
+    run = c.create_run(ensure_experiment(uri, name), tags={**tags, "mlflow.runName": f"{name}-winner"})
+    run_id = run.info.run_id
+    try:
+        for key, value in params.items():
+            c.log_param(run_id, key, str(value)[:6000])
+        for key, value in metrics.items():
+            c.log_metric(run_id, key, float(value))
+        with tempfile.TemporaryDirectory() as tmp:
+            folder = Path(tmp) / "model"
+            folder.mkdir()
+            (folder / "model.onnx").write_bytes(onnx_bytes)
+            for filename, content in files.items():
+                text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
+                (folder / filename).write_text(text)
+            c.log_artifacts(run_id, str(folder), artifact_path="model")
+        c.set_terminated(run_id)
+    except Exception:
+        c.set_terminated(run_id, status="FAILED")
+        raise
+    return run_id, f"{run.info.artifact_uri}/model"
+
+
+def register_version(uri: str, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
+    """Create a new version of ``name`` from a logged ``model/`` folder; returns its number."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        c.create_registered_model(name)
+    except MlflowException as exc:
+        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+            raise
+    mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
+    return str(mv.version)
+
+
+def set_alias(uri: str, name: str, alias: str, version: str) -> None:
+    resolve_version(uri, name, version)
+    client(uri).set_registered_model_alias(name, alias, str(version))
+
+
+def resolve_version(uri: str, name: str, ref: str) -> Any:
+    """The ModelVersion for a version number or an alias; RegistryError if there is none."""
+    from mlflow.exceptions import MlflowException
+
+    c = client(uri)
+    try:
+        if str(ref).isdigit():
+            return c.get_model_version(name, str(ref))
+        return c.get_model_version_by_alias(name, ref)
+    except MlflowException:
+        raise RegistryError(f"model {name!r} has no version or alias {ref!r}") from None
+
+
+def load_artifact(uri: str, name: str, ref: str = PRODUCTION) -> ModelArtifact:
+    """Download a version's artifacts and verify the ONNX checksum against its tag."""
+    import mlflow.artifacts
+
+    mv = resolve_version(uri, name, ref)
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp, tracking_uri=uri))
+        onnx_bytes = (local / "model.onnx").read_bytes()
+        expected = mv.tags.get("onnx_sha256")
+        if not expected or sha256(onnx_bytes) != expected:
+            raise RegistryError(f"{name} version {mv.version}: model.onnx fails its sha256 check")
+
+        def read(filename: str) -> dict[str, Any]:
+            return json.loads((local / filename).read_text())
+
+        return ModelArtifact(
+            name=name,
+            version=str(mv.version),
+            onnx_bytes=onnx_bytes,
+            schema=read("schema.json"),
+            metrics=read("metrics.json"),
+            profile=read("profile.json"),
+        )
+
+
+def list_versions(uri: str, name: str | None = None) -> list[dict[str, Any]]:
+    """Every version (of one model or all): number, aliases, metrics tags, creation time."""
+    c = client(uri)
+    names = [name] if name else [m.name for m in c.search_registered_models()]
+    rows = []
+    for model_name in names:
+        try:
+            model = c.get_registered_model(model_name)
+        except Exception:
+            raise RegistryError(f"no registered model {model_name!r}") from None
+        aliases: dict[str, list[str]] = {}
+        for alias, version in (model.aliases or {}).items():
+            aliases.setdefault(str(version), []).append(alias)
+        for mv in c.search_model_versions(f"name='{model_name}'"):
+            rows.append(
+                {
+                    "name": model_name,
+                    "version": str(mv.version),
+                    "aliases": sorted(aliases.get(str(mv.version), [])),
+                    "metric": mv.tags.get("metric", ""),
+                    "holdout": mv.tags.get("holdout_score", ""),
+                    "family": mv.tags.get("family", ""),
+                    "created": mv.creation_timestamp,
+                }
+            )
+    return sorted(rows, key=lambda r: (r["name"], int(r["version"])))

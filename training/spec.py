@@ -1,0 +1,297 @@
+"""The experiment spec: parsing and validation of the YAML that drives a search.
+
+Everything a spec can be wrong about is checked here, before any data is read or
+Ray is started: unknown keys, wrong types, impossible values and combinations
+(a regression metric on a classification task, PBT over a scikit-learn family,
+an estimator outside scikit-learn). Errors name the key path and what is allowed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SKLEARN_DATASETS = ("digits", "breast_cancer", "wine", "diabetes", "iris")
+CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "roc_auc", "log_loss")
+REGRESSION_METRICS = ("rmse", "mae", "r2")
+TORCH_MLP_PARAMS = ("hidden_layers", "lr", "dropout", "batch_size", "epochs", "weight_decay")
+
+
+class SpecError(ValueError):
+    """A spec was refused; ``problems`` holds one ``"key.path: what is allowed"`` line each."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid spec: " + "; ".join(problems))
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Choice(_Strict):
+    choice: list[Any] = Field(min_length=1)
+
+
+class Uniform(_Strict):
+    uniform: tuple[float, float]
+
+
+class LogUniform(_Strict):
+    loguniform: tuple[float, float]
+
+    @field_validator("loguniform")
+    @classmethod
+    def _positive(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if v[0] <= 0:
+            raise ValueError("loguniform bounds must be > 0")
+        return v
+
+
+class RandInt(_Strict):
+    randint: tuple[int, int]
+
+
+Distribution = Choice | Uniform | LogUniform | RandInt
+# A space value is a distribution or a constant (a number, string, bool or list).
+SpaceValue = Distribution | bool | int | float | str | list[Any] | None
+
+
+def _check_bounds(space: dict[str, SpaceValue]) -> dict[str, SpaceValue]:
+    for key, value in space.items():
+        bounds = getattr(value, "uniform", None) or getattr(value, "loguniform", None)
+        bounds = bounds or getattr(value, "randint", None)
+        if bounds is not None and not bounds[0] < bounds[1]:
+            raise ValueError(f"{key}: lower bound must be below upper bound, got {list(bounds)}")
+    return space
+
+
+class DataSpec(_Strict):
+    source: str
+    target: str = "target"
+    features: list[str] | None = None
+    categorical: list[str] = []
+    test_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    valid_fraction: float = Field(0.2, gt=0.0, lt=0.9)
+    seed: int = 0
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        if v.startswith("sklearn:"):
+            if v.split(":", 1)[1] not in SKLEARN_DATASETS:
+                raise ValueError(f"sklearn:<set> must name one of {', '.join(SKLEARN_DATASETS)}")
+            return v
+        scheme = v.split("://", 1)[0] if "://" in v else ""
+        if scheme not in ("", "file", "s3"):
+            raise ValueError("a path, file:// or s3:// URI, or sklearn:<bundled set>")
+        if not v.lower().endswith((".csv", ".parquet")):
+            raise ValueError("a .csv or .parquet file, or sklearn:<bundled set>")
+        return v
+
+
+class PreprocessSpec(_Strict):
+    impute: Literal["mean", "median", "most_frequent", "none"] = "median"
+    clip_outliers: float | None = Field(4.0, gt=0.0)
+    scale: Literal["standard", "minmax", "robust", "none"] = "standard"
+
+
+class TorchMLPSpec(_Strict):
+    type: Literal["torch_mlp"]
+    workers: int = Field(1, ge=1)
+    gpus_per_worker: float = Field(0, ge=0)
+    space: dict[str, SpaceValue] = {}
+
+    @field_validator("space")
+    @classmethod
+    def _known_params(cls, v: dict[str, SpaceValue]) -> dict[str, SpaceValue]:
+        unknown = sorted(set(v) - set(TORCH_MLP_PARAMS))
+        if unknown:
+            raise ValueError(f"unknown torch_mlp parameter(s) {unknown}; allowed: {list(TORCH_MLP_PARAMS)}")
+        return _check_bounds(v)
+
+
+class SklearnSpec(_Strict):
+    type: Literal["sklearn"]
+    estimator: str
+    space: dict[str, SpaceValue] = {}
+
+    @field_validator("estimator")
+    @classmethod
+    def _scikit_learn_only(cls, v: str) -> str:
+        resolve_estimator(v)
+        return v
+
+    @model_validator(mode="after")
+    def _known_params(self) -> SklearnSpec:
+        allowed = set(resolve_estimator(self.estimator)().get_params())
+        unknown = sorted(set(self.space) - allowed)
+        if unknown:
+            raise ValueError(
+                f"space: {self.estimator} has no parameter(s) {unknown}; allowed: {sorted(allowed)}"
+            )
+        _check_bounds(self.space)
+        return self
+
+
+ModelSpec = Annotated[TorchMLPSpec | SklearnSpec, Field(discriminator="type")]
+
+
+class SearchSpec(_Strict):
+    algorithm: Literal["random", "grid", "optuna", "hyperopt"] = "optuna"
+    scheduler: Literal["asha", "hyperband", "median", "pbt", "none"] = "asha"
+    num_samples: int = Field(20, ge=1)
+    max_concurrent_trials: int | None = Field(None, ge=1)
+    time_budget_s: float | None = Field(None, gt=0)
+    cpus_per_trial: float = Field(1, gt=0)
+    max_failures: int = Field(2, ge=0)
+
+
+class GateSpec(_Strict):
+    min_metric: float | None = None
+    must_beat_production: bool = True
+
+
+class ServeSpec(_Strict):
+    route: str | None = None
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    target_ongoing_requests: float = Field(8, gt=0)
+    max_queued_requests: int = Field(256, ge=1)
+    max_batch_size: int = Field(64, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    cpus_per_replica: float = Field(1, gt=0)
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ServeSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    task: Literal["classification", "regression"]
+    data: DataSpec
+    preprocess: PreprocessSpec = PreprocessSpec()
+    metric: Literal["accuracy", "f1_macro", "roc_auc", "log_loss", "rmse", "mae", "r2"]
+    models: list[ModelSpec] = Field(min_length=1)
+    search: SearchSpec = SearchSpec()
+    gate: GateSpec = GateSpec()
+    serve: ServeSpec = ServeSpec()
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
+        if self.metric not in allowed:
+            raise ValueError(f"metric: {self.task} allows {', '.join(allowed)}")
+        if self.search.scheduler == "pbt" and any(m.type != "torch_mlp" for m in self.models):
+            raise ValueError("search.scheduler: pbt needs every model to be torch_mlp")
+        for i, model in enumerate(self.models):
+            if model.type == "sklearn":
+                _check_estimator_task(model.estimator, self.task, f"models.{i}.estimator")
+            if self.search.algorithm == "grid":
+                for key, value in model.space.items():
+                    if isinstance(value, Uniform | LogUniform | RandInt):
+                        raise ValueError(
+                            f"models.{i}.space.{key}: search.algorithm grid takes only "
+                            "{choice: [...]} or constant values"
+                        )
+        return self
+
+    @property
+    def route(self) -> str:
+        return self.serve.route or self.name
+
+    @property
+    def mode(self) -> Literal["max", "min"]:
+        return "min" if self.metric in ("log_loss", "rmse", "mae") else "max"
+
+
+def resolve_estimator(path: str) -> type:
+    """Import a scikit-learn estimator class by dotted path, refusing anything else.
+
+    Only modules under ``sklearn.`` are ever imported, so a spec cannot run code of
+    its own choosing.
+    """
+    module_name, _, class_name = path.rpartition(".")
+    if not module_name.startswith("sklearn.") or class_name.startswith("_"):
+        raise ValueError(
+            f"{path!r} is not a scikit-learn estimator; expected sklearn.<module>.<Estimator>"
+        )
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"{path!r} does not exist in scikit-learn") from exc
+    from sklearn.base import BaseEstimator
+
+    if not (inspect.isclass(cls) and issubclass(cls, BaseEstimator)):
+        raise ValueError(f"{path!r} is not a scikit-learn estimator class")
+    return cls
+
+
+def _check_estimator_task(path: str, task: str, where: str) -> None:
+    from sklearn.base import is_classifier, is_regressor
+
+    est = resolve_estimator(path)()
+    ok = is_classifier(est) if task == "classification" else is_regressor(est)
+    if not ok:
+        kind = "classifier" if task == "classification" else "regressor"
+        raise ValueError(f"{where}: {path} is not a {kind}, which task {task} needs")
+
+
+def _format_errors(exc: ValidationError) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        # Drop pydantic's union-branch tags ("TorchMLPSpec", "function-after[...]") from paths.
+        loc = [
+            str(p)
+            for p in err["loc"]
+            if not (isinstance(p, str) and (p[:1].isupper() or "[" in p or p in SPACE_TAGS))
+        ]
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        path = ".".join(loc) or "spec"
+        problems.append(f"{path}: {msg}")
+    # A bad space value fails every union branch; keep one line per path.
+    seen: dict[str, str] = {}
+    for line in problems:
+        path = line.split(":", 1)[0]
+        seen.setdefault(path, line)
+    return list(seen.values())
+
+
+SPACE_TAGS = {"bool", "int", "float", "str", "list[any]", "none", "tagged-union"}
+
+
+def parse_spec(raw: Any) -> Spec:
+    """Validate an already-loaded YAML document into a :class:`Spec`."""
+    if not isinstance(raw, dict):
+        raise SpecError(["spec: expected a mapping of keys (name, task, data, ...)"])
+    try:
+        return Spec.model_validate(raw)
+    except ValidationError as exc:
+        raise SpecError(_format_errors(exc)) from None
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Read and validate a spec file; raises :class:`SpecError` naming each bad key."""
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:
+        raise SpecError([f"spec: cannot read {path}: {exc.strerror}"]) from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise SpecError([f"spec: not valid YAML: {exc}"]) from None
+    return parse_spec(raw)
+
+
+def spec_to_yaml(spec: Spec) -> str:
+    return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=False), sort_keys=False)

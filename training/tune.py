@@ -1,0 +1,227 @@
+"""Search: one Ray Tune search across every model family of a spec.
+
+The search space is flat: ``family`` picks the model (``tune.choice`` over the
+spec's families, a grid for the grid algorithm) and ``f{i}`` holds family i's
+space. A searcher samples every family's keys; the trial uses only its own.
+Each trial's params and metrics land in MLflow through Ray's MLflow logger
+callback. A search lives under ``<state>/searches/<name>-<stamp>``; ``resume``
+restores the newest one with :meth:`ray.tune.Tuner.restore`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from training.spec import Choice, LogUniform, RandInt, Spec, Uniform
+from training.train import TrialContext, run_trial
+
+
+@dataclass
+class SearchResult:
+    best_config: dict[str, Any]
+    best_metrics: dict[str, Any]
+    best_checkpoint: str  # a directory holding estimator.joblib or model.pt
+    trial_id: str
+    trials: int
+    errored: int
+    wall_s: float
+    experiment_path: str
+    trial_nodes: set[str]
+
+
+def _to_tune(value: Any, grid: bool):
+    from ray import tune
+
+    if isinstance(value, Choice):
+        return tune.grid_search(value.choice) if grid else tune.choice(value.choice)
+    if isinstance(value, Uniform):
+        return tune.uniform(*value.uniform)
+    if isinstance(value, LogUniform):
+        return tune.loguniform(*value.loguniform)
+    if isinstance(value, RandInt):
+        return tune.randint(value.randint[0], value.randint[1] + 1)  # inclusive upper bound
+    return value
+
+
+def param_space(spec: Spec) -> dict[str, Any]:
+    """The Tune search space for every family of the spec."""
+    from ray import tune
+
+    grid = spec.search.algorithm == "grid"
+    families = list(range(len(spec.models)))
+    space: dict[str, Any] = {
+        "family": tune.grid_search(families) if grid else tune.choice(families)
+        if len(families) > 1
+        else 0
+    }
+    for i, model in enumerate(spec.models):
+        space[f"f{i}"] = {k: _to_tune(v, grid) for k, v in model.space.items()}
+    return space
+
+
+def _searcher(spec: Spec):
+    from ray.tune.search import ConcurrencyLimiter
+
+    alg = spec.search.algorithm
+    if alg in ("random", "grid"):
+        return None  # Tune's BasicVariantGenerator
+    if alg == "optuna":
+        from optuna.samplers import TPESampler
+        from ray.tune.search.optuna import OptunaSearch
+
+        searcher = OptunaSearch(sampler=TPESampler(seed=spec.data.seed))
+    else:
+        from ray.tune.search.hyperopt import HyperOptSearch
+
+        searcher = HyperOptSearch(random_state_seed=spec.data.seed)
+    if spec.search.max_concurrent_trials:
+        return ConcurrencyLimiter(searcher, spec.search.max_concurrent_trials)
+    return searcher
+
+
+def _max_epochs(spec: Spec) -> int:
+    epochs = [1]
+    for m in spec.models:
+        value = m.space.get("epochs", 10) if m.type == "torch_mlp" else 1
+        values = value.choice if isinstance(value, Choice) else [value]
+        epochs += [int(v) for v in values if isinstance(v, int | float)]
+    return max(epochs)
+
+
+def _scheduler(spec: Spec):
+    from ray.tune import schedulers
+
+    max_t = _max_epochs(spec)
+    name = spec.search.scheduler
+    if name == "asha":
+        return schedulers.ASHAScheduler(max_t=max_t, grace_period=min(2, max_t), reduction_factor=3)
+    if name == "hyperband":
+        return schedulers.HyperBandScheduler(max_t=max_t)
+    if name == "median":
+        return schedulers.MedianStoppingRule(grace_period=min(2, max_t), min_samples_required=3)
+    if name == "pbt":
+        # The spec refuses PBT unless every family is torch_mlp.
+        mutations = {}
+        for i, m in enumerate(spec.models):
+            for key in ("lr", "dropout", "weight_decay"):
+                if key in m.space and not isinstance(m.space[key], int | float):
+                    mutations[f"f{i}"] = {**mutations.get(f"f{i}", {}), key: _to_tune(m.space[key], False)}
+        return schedulers.PopulationBasedTraining(
+            perturbation_interval=max(1, max_t // 4), hyperparam_mutations=mutations
+        )
+    return schedulers.FIFOScheduler()
+
+
+def trial_resources(spec: Spec) -> Callable[[dict[str, Any]], dict[str, float]]:
+    """Tune resources per trial: a sklearn trial uses its CPUs; a torch trial is only a
+    Train driver (its workers hold the CPUs), so it asks for a sliver of one."""
+    models = spec.models
+    cpus = spec.search.cpus_per_trial
+
+    def resources(config: dict[str, Any]) -> dict[str, float]:
+        family = int(config.get("family", 0))
+        return {"CPU": 0.01} if models[family].type == "torch_mlp" else {"CPU": cpus}
+
+    return resources
+
+
+def default_concurrency(spec: Spec, cluster_cpus: float) -> int:
+    """What the cluster's CPUs allow for the family with the largest footprint."""
+    need = max(
+        spec.search.cpus_per_trial * (m.workers if m.type == "torch_mlp" else 1) for m in spec.models
+    )
+    return max(1, math.floor(cluster_cpus / need))
+
+
+def latest_search(state_dir: Path, name: str) -> Path | None:
+    runs = sorted((state_dir / "searches").glob(f"{name}-*"))
+    return runs[-1] if runs else None
+
+
+def run_search(
+    spec: Spec,
+    ctx: TrialContext,
+    *,
+    state_dir: Path,
+    mlflow_uri: str,
+    num_samples: int | None = None,
+    resume: bool = False,
+    callbacks: list | None = None,
+) -> SearchResult:
+    """Run (or resume) the search; Ray must already be initialised by the caller."""
+    import ray
+    from ray import tune
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+
+    trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(spec))
+    searches = (state_dir / "searches").resolve()
+    mlflow_cb = MLflowLoggerCallback(
+        tracking_uri=mlflow_uri, experiment_name=f"{spec.name}-search", save_artifact=False
+    )
+    start = time.monotonic()
+    if resume:
+        path = latest_search(state_dir, spec.name)
+        if path is None or not tune.Tuner.can_restore(str(path.resolve())):
+            raise FileNotFoundError(f"no search of {spec.name!r} to resume under {searches}")
+        tuner = tune.Tuner.restore(
+            str(path.resolve()), trainable, resume_unfinished=True, resume_errored=True
+        )
+    else:
+        cpus = ray.cluster_resources().get("CPU", 1)
+        concurrency = spec.search.max_concurrent_trials or default_concurrency(spec, cpus)
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space(spec),
+            tune_config=tune.TuneConfig(
+                metric=spec.metric,
+                mode=spec.mode,
+                search_alg=_searcher(spec),
+                scheduler=_scheduler(spec),
+                num_samples=num_samples or spec.search.num_samples,
+                max_concurrent_trials=concurrency,
+                time_budget_s=spec.search.time_budget_s,
+            ),
+            run_config=tune.RunConfig(
+                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                storage_path=str(searches),
+                failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+                callbacks=[mlflow_cb, *(callbacks or [])],
+                verbose=0,
+            ),
+        )
+    grid = tuner.fit()
+    wall = time.monotonic() - start
+    return _summarise(grid, spec, wall)
+
+
+def _summarise(grid, spec: Spec, wall: float) -> SearchResult:
+    ok = [r for r in grid if r.error is None and r.metrics and spec.metric in r.metrics]
+    if not ok:
+        errors = [str(r.error).splitlines()[-1] for r in grid if r.error is not None][:3]
+        raise RuntimeError(f"no trial of the search finished; errors: {errors}")
+    best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True)
+    checkpoint = best.metrics.get("checkpoint_path") or (best.checkpoint and best.checkpoint.path)
+    if not checkpoint:
+        raise RuntimeError(f"best trial {best.metrics.get('trial_id')} left no checkpoint")
+    nodes = set()
+    for r in grid:
+        df = r.metrics_dataframe
+        if df is not None and "node_id" in df:
+            nodes.update(df["node_id"].dropna().unique())
+    return SearchResult(
+        best_config=best.config,
+        best_metrics=best.metrics,
+        best_checkpoint=checkpoint,
+        trial_id=best.metrics.get("trial_id", ""),
+        trials=len(grid),
+        errored=len(grid.errors),
+        wall_s=wall,
+        experiment_path=grid.experiment_path,
+        trial_nodes=nodes,
+    )
