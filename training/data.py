@@ -142,7 +142,11 @@ def _choose_columns(frame: pd.DataFrame, spec: DataSpec) -> tuple[list[str], lis
     target = safe_name(spec.target)
     if target not in columns:
         raise DataError(f"data.target: no column {spec.target!r} in the data (columns: {columns})")
-    features = [safe_name(c) for c in spec.features] if spec.features else [c for c in columns if c != target]
+    features = (
+        [safe_name(c) for c in spec.features]
+        if spec.features
+        else [c for c in columns if c != target]
+    )
     wanted_categorical = [safe_name(c) for c in spec.categorical]
     missing = [c for c in features + wanted_categorical if c not in columns]
     if missing:
@@ -171,7 +175,9 @@ def _label_values(y: pd.Series) -> tuple[pd.Series, list[Any]]:
     return y, sorted(y.unique().tolist())
 
 
-def prepare(frame: pd.DataFrame, spec: DataSpec, task: str) -> tuple[pd.DataFrame, pd.Series, FeatureSchema]:
+def prepare(
+    frame: pd.DataFrame, spec: DataSpec, task: str
+) -> tuple[pd.DataFrame, pd.Series, FeatureSchema]:
     """Pick and type the feature columns and the target; build the feature schema.
 
     Rows without a target are dropped. Categories in the schema are filled in by
@@ -188,10 +194,14 @@ def prepare(frame: pd.DataFrame, spec: DataSpec, task: str) -> tuple[pd.DataFram
     if task == "classification":
         y, classes = _label_values(y)
         if len(classes) < 2:
-            raise DataError(f"data.target: classification needs at least 2 classes, found {classes}")
+            raise DataError(
+                f"data.target: classification needs at least 2 classes, found {classes}"
+            )
     else:
         if not pd.api.types.is_numeric_dtype(y):
-            raise DataError(f"data.target: regression needs a numeric target, {spec.target!r} is not")
+            raise DataError(
+                f"data.target: regression needs a numeric target, {spec.target!r} is not"
+            )
         y = y.astype("float64")
     features = [Feature(c, "string" if c in categorical else "float") for c in X.columns]
     return X, y, FeatureSchema(task=task, target=target, features=features, classes=classes)
@@ -215,9 +225,15 @@ def split(frame: pd.DataFrame, spec: DataSpec, task: str) -> Splits:
             X_rest, y_rest, test_size=spec.valid_fraction, random_state=spec.seed, stratify=strat
         )
     except ValueError as exc:
-        raise DataError(f"data.test_fraction/valid_fraction: cannot split {len(X)} rows: {exc}") from None
+        raise DataError(
+            f"data.test_fraction/valid_fraction: cannot split {len(X)} rows: {exc}"
+        ) from None
     features = [
-        Feature(f.name, f.dtype, sorted(X_train[f.name].unique().tolist()) if f.dtype == "string" else None)
+        Feature(
+            f.name,
+            f.dtype,
+            sorted(X_train[f.name].unique().tolist()) if f.dtype == "string" else None,
+        )
         for f in schema.features
     ]
     schema = FeatureSchema(schema.task, schema.target, features, schema.classes)
@@ -245,7 +261,9 @@ def profile(X: pd.DataFrame, schema: FeatureSchema, bins: int = 10) -> dict[str,
                 "missing": float(col.isna().mean()),
                 "mean": float(values.mean()) if len(values) else None,
                 "std": float(values.std()) if len(values) else None,
-                "quantiles": dict(zip(map(str, QUANTILES), np.quantile(values, QUANTILES).tolist()))
+                "quantiles": dict(
+                    zip(map(str, QUANTILES), np.quantile(values, QUANTILES).tolist(), strict=True)
+                )
                 if len(values)
                 else {},
                 "histogram": {"edges": list(map(float, edges)), "counts": list(map(int, counts))},

@@ -8,7 +8,9 @@ from sklearn import metrics as skm
 LOWER_IS_BETTER = frozenset({"log_loss", "rmse", "mae"})
 
 
-def score(metric: str, y_true: np.ndarray, pred: np.ndarray, proba: np.ndarray | None = None) -> float:
+def score(
+    metric: str, y_true: np.ndarray, pred: np.ndarray, proba: np.ndarray | None = None
+) -> float:
     """The spec's metric. Classification: ``pred`` labels, ``proba`` [n, K] in class order."""
     if metric == "accuracy":
         return float(skm.accuracy_score(y_true, pred))

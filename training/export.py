@@ -90,11 +90,16 @@ def preprocessor_graph(pre, schema: FeatureSchema) -> onnx.ModelProto:
         pre, initial_types=_input_types(schema), target_opset={"": OPSET, "ai.onnx.ml": ML_OPSET}
     )
     out = graph.graph.output[0].name
-    return _normalise(onnx.compose.add_prefix(graph, "pre_", rename_inputs=False, rename_outputs=True)), f"pre_{out}"
+    return _normalise(
+        onnx.compose.add_prefix(graph, "pre_", rename_inputs=False, rename_outputs=True)
+    ), f"pre_{out}"
 
 
 def sklearn_model_graph(est, n_features: int, task: str) -> tuple[onnx.ModelProto, str, str | None]:
-    """A fitted estimator as ONNX over ``features``: returns (graph, label/value output, proba output)."""
+    """A fitted estimator as ONNX over ``features``.
+
+    Returns (graph, label/value output name, probability output name or None).
+    """
     from skl2onnx import convert_sklearn
     from skl2onnx.common.data_types import DoubleTensorType
 
@@ -112,7 +117,9 @@ def sklearn_model_graph(est, n_features: int, task: str) -> tuple[onnx.ModelProt
     inp.name = "features_f64"
     for node in g.node:
         node.input[:] = ["features_f64" if i == "features" else i for i in node.input]
-    g.node.insert(0, helper.make_node("Cast", ["features"], ["features_f64"], to=TensorProto.DOUBLE))
+    g.node.insert(
+        0, helper.make_node("Cast", ["features"], ["features_f64"], to=TensorProto.DOUBLE)
+    )
     del g.input[:]
     g.input.append(helper.make_tensor_value_info("features", TensorProto.FLOAT, ["N", n_features]))
     outs = [o.name for o in g.output]
@@ -174,13 +181,17 @@ def torch_model_graph(net, n_features: int, task: str, y_mean: float = 0.0, y_st
 
 def _class_tensor(classes: list[Any]) -> onnx.TensorProto:
     if all(isinstance(c, int | np.integer) for c in classes):
-        return helper.make_tensor("classes", TensorProto.INT64, [len(classes)], [int(c) for c in classes])
+        return helper.make_tensor(
+            "classes", TensorProto.INT64, [len(classes)], [int(c) for c in classes]
+        )
     return helper.make_tensor(
         "classes", TensorProto.STRING, [len(classes)], [str(c).encode() for c in classes]
     )
 
 
-def assemble(pre, model_graph: tuple[onnx.ModelProto, str, str | None], schema: FeatureSchema) -> bytes:
+def assemble(
+    pre, model_graph: tuple[onnx.ModelProto, str, str | None], schema: FeatureSchema
+) -> bytes:
     """Join preprocessing and model graphs; add the label lookup; return serialized ONNX."""
     pre_graph, pre_out = pre.graph, pre.output
     model, value_out, proba_out = model_graph
@@ -190,14 +201,20 @@ def assemble(pre, model_graph: tuple[onnx.ModelProto, str, str | None], schema: 
     outputs = []
     if schema.task == "classification":
         g.initializer.append(_class_tensor(schema.classes))
-        g.node.append(helper.make_node("Reshape", [f"m_{value_out}", "flat_shape"], ["class_index"]))
+        g.node.append(
+            helper.make_node("Reshape", [f"m_{value_out}", "flat_shape"], ["class_index"])
+        )
         g.initializer.append(helper.make_tensor("flat_shape", TensorProto.INT64, [1], [-1]))
-        g.node.append(helper.make_node("Gather", ["classes", "class_index"], ["prediction"], axis=0))
+        g.node.append(
+            helper.make_node("Gather", ["classes", "class_index"], ["prediction"], axis=0)
+        )
         g.node.append(helper.make_node("Identity", [f"m_{proba_out}"], ["probabilities"]))
         label_type = g.initializer[-2].data_type
         outputs = [
             helper.make_tensor_value_info("prediction", label_type, ["N"]),
-            helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, ["N", len(schema.classes)]),
+            helper.make_tensor_value_info(
+                "probabilities", TensorProto.FLOAT, ["N", len(schema.classes)]
+            ),
         ]
     else:
         g.initializer.append(helper.make_tensor("flat_shape", TensorProto.INT64, [1], [-1]))
@@ -215,11 +232,15 @@ def onnx_feeds(X: pd.DataFrame, schema: FeatureSchema) -> dict[str, np.ndarray]:
     feeds = {}
     for f in schema.features:
         col = X[f.name].to_numpy()
-        feeds[f.name] = (col.astype(np.float32) if f.dtype == "float" else col.astype(str).astype(object)).reshape(-1, 1)
+        feeds[f.name] = (
+            col.astype(np.float32) if f.dtype == "float" else col.astype(str).astype(object)
+        ).reshape(-1, 1)
     return feeds
 
 
-def run_onnx(onnx_bytes: bytes, X: pd.DataFrame, schema: FeatureSchema) -> tuple[np.ndarray, np.ndarray | None]:
+def run_onnx(
+    onnx_bytes: bytes, X: pd.DataFrame, schema: FeatureSchema
+) -> tuple[np.ndarray, np.ndarray | None]:
     """Predictions (and probabilities for classification) of a graph on a typed frame."""
     import onnxruntime as ort
 
@@ -229,7 +250,12 @@ def run_onnx(onnx_bytes: bytes, X: pd.DataFrame, schema: FeatureSchema) -> tuple
 
 
 def check_parity(
-    pre, onnx_bytes: bytes, X: pd.DataFrame, schema: FeatureSchema, native_pred: np.ndarray, native_proba: np.ndarray | None
+    pre,
+    onnx_bytes: bytes,
+    X: pd.DataFrame,
+    schema: FeatureSchema,
+    native_pred: np.ndarray,
+    native_proba: np.ndarray | None,
 ) -> Parity:
     """Compare the graph with the native model on the holdout (labels already mapped to classes),
     and the graph's preprocessing with scikit-learn's."""
@@ -239,14 +265,18 @@ def check_parity(
         diff = float(np.max(np.abs(proba - native_proba))) if len(X) else 0.0
         top2 = np.sort(native_proba, axis=1)[:, -2:]
         tied = (top2[:, 1] - top2[:, 0]) <= TOLERANCE
-        mismatches = int(np.sum((np.asarray(pred).astype(str) != np.asarray(native_pred).astype(str)) & ~tied))
+        mismatches = int(
+            np.sum((np.asarray(pred).astype(str) != np.asarray(native_pred).astype(str)) & ~tied)
+        )
         return Parity(len(X), mismatches, diff, pre_diff)
     ref = np.asarray(native_pred, dtype=np.float64)
     rel = np.abs(pred - ref) / (1.0 + np.abs(ref))
     return Parity(len(X), 0, float(rel.max()) if len(X) else 0.0, pre_diff)
 
 
-def native_outputs(pre, model, task: str, classes: list[Any] | None, X: pd.DataFrame) -> tuple[np.ndarray, np.ndarray | None]:
+def native_outputs(
+    pre, model, task: str, classes: list[Any] | None, X: pd.DataFrame
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The native model's holdout outputs: class labels (and probabilities) or values.
 
     ``model`` is a fitted estimator or a callable from float32 features to

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -102,11 +103,17 @@ def load_winner(result: SearchResult, spec: Spec, schema: FeatureSchema, n_featu
     return net, "torch_mlp", (state["y_mean"], state["y_std"])
 
 
-def build_graph(pre: Preprocessor, winner, schema: FeatureSchema, n_features: int, scaling) -> bytes:
+def build_graph(
+    pre: Preprocessor, winner, schema: FeatureSchema, n_features: int, scaling
+) -> bytes:
     if hasattr(winner, "predict"):
-        return export.assemble(pre, export.sklearn_model_graph(winner, n_features, schema.task), schema)
+        return export.assemble(
+            pre, export.sklearn_model_graph(winner, n_features, schema.task), schema
+        )
     y_mean, y_std = scaling
-    return export.assemble(pre, export.torch_model_graph(winner, n_features, schema.task, y_mean, y_std), schema)
+    return export.assemble(
+        pre, export.torch_model_graph(winner, n_features, schema.task, y_mean, y_std), schema
+    )
 
 
 def native_predictor(winner, schema: FeatureSchema, scaling):
@@ -115,14 +122,18 @@ def native_predictor(winner, schema: FeatureSchema, scaling):
     return export.torch_predictor(winner, schema.task, schema.classes, *scaling)
 
 
-def production_holdout(uri: str, spec: Spec, splits: Splits) -> tuple[str | None, float | None, str | None]:
+def production_holdout(
+    uri: str, spec: Spec, splits: Splits
+) -> tuple[str | None, float | None, str | None]:
     """(version, holdout score, reason it cannot be compared) of the current production version."""
     try:
         prod = registry.load_artifact(uri, spec.name, registry.PRODUCTION)
     except registry.RegistryError:
         return None, None, None
     prod_schema = FeatureSchema.from_dict(prod.schema)
-    if [(f.name, f.dtype) for f in prod_schema.features] != [(f.name, f.dtype) for f in splits.schema.features]:
+    if [(f.name, f.dtype) for f in prod_schema.features] != [
+        (f.name, f.dtype) for f in splits.schema.features
+    ]:
         return prod.version, None, "production takes different features; compare by hand"
     if prod_schema.classes is not None and [str(c) for c in prod_schema.classes] != [
         str(c) for c in splits.schema.classes
@@ -135,7 +146,10 @@ def production_holdout(uri: str, spec: Spec, splits: Splits) -> tuple[str | None
 def code_version() -> str:
     try:
         sha = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=5,
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
             cwd=Path(__file__).parent,
         ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
@@ -150,18 +164,19 @@ def search_and_register(
     num_samples: int | None = None,
     resume: bool = False,
     callbacks: list | None = None,
+    connect: Callable[[], None] | None = None,
 ) -> Outcome:
     """Search, export, gate and (when the gate passes) register with alias ``candidate``.
 
-    Ray must be initialised by the caller (the CLI connects to a cluster or starts one);
-    if it is not, a local Ray is started here.
+    Data is loaded and preprocessed first, so bad data fails before any Ray starts;
+    then ``connect`` (the CLI's: a cluster, or a new one) runs, else a local Ray starts.
     """
     import ray
 
     uri = registry.tracking_uri(state_dir)
-    prep = prepare(spec)  # bad data fails here, before Ray starts
+    prep = prepare(spec)
     if not ray.is_initialized():
-        ray.init(include_dashboard=False)
+        connect() if connect else ray.init(include_dashboard=False)
     schema = prep.splits.schema
     ctx = TrialContext(
         task=spec.task,
@@ -175,7 +190,12 @@ def search_and_register(
     )
     registry.ensure_experiment(uri, f"{spec.name}-search")
     result = run_search(
-        spec, ctx, state_dir=state_dir, mlflow_uri=uri, num_samples=num_samples, resume=resume,
+        spec,
+        ctx,
+        state_dir=state_dir,
+        mlflow_uri=uri,
+        num_samples=num_samples,
+        resume=resume,
         callbacks=callbacks,
     )
     return register_winner(spec, prep, result, uri)
@@ -188,24 +208,36 @@ def register_winner(spec: Spec, prep: Prepared, result: SearchResult, uri: str) 
     winner, family, scaling = load_winner(result, spec, schema, n_features)
     onnx_bytes = build_graph(prep.pre, winner, schema, n_features, scaling)
     native = native_predictor(winner, schema, scaling)
-    native_pred, native_proba = export.native_outputs(prep.pre, native, spec.task, schema.classes, splits.X_test)
-    parity = export.check_parity(prep.pre, onnx_bytes, splits.X_test, schema, native_pred, native_proba)
+    native_pred, native_proba = export.native_outputs(
+        prep.pre, native, spec.task, schema.classes, splits.X_test
+    )
+    parity = export.check_parity(
+        prep.pre, onnx_bytes, splits.X_test, schema, native_pred, native_proba
+    )
     if not parity.ok:
-        raise export.ExportError(f"ONNX graph does not match the native model on the holdout: {parity}")
+        raise export.ExportError(
+            f"ONNX graph does not match the native model on the holdout: {parity}"
+        )
     holdout = holdout_score(spec.metric, schema, splits.y_test, native_pred, native_proba)
 
     reasons = []
     if spec.gate.min_metric is not None and not reaches(spec.metric, holdout, spec.gate.min_metric):
-        reasons.append(f"holdout {spec.metric} {holdout:.4f} does not reach min_metric {spec.gate.min_metric}")
+        reasons.append(
+            f"holdout {spec.metric} {holdout:.4f} does not reach min_metric {spec.gate.min_metric}"
+        )
     prod_version, prod_score, why = production_holdout(uri, spec, splits)
     if spec.gate.must_beat_production and prod_version is not None:
         if why:
             reasons.append(why)
         elif not better(spec.metric, holdout, prod_score):
             reasons.append(
-                f"holdout {spec.metric} {holdout:.4f} does not beat production v{prod_version} ({prod_score:.4f})"
+                f"holdout {spec.metric} {holdout:.4f} does not beat "
+                f"production v{prod_version} ({prod_score:.4f})"
             )
-    metrics = {f"holdout_{spec.metric}": holdout, f"valid_{spec.metric}": float(result.best_metrics[spec.metric])}
+    metrics = {
+        f"holdout_{spec.metric}": holdout,
+        f"valid_{spec.metric}": float(result.best_metrics[spec.metric]),
+    }
     lineage = {
         "data_source": spec.data.source,
         "data_sha256": splits.content_hash,
@@ -241,11 +273,21 @@ def register_winner(spec: Spec, prep: Prepared, result: SearchResult, uri: str) 
         tags={**tags, "gate": "passed" if not reasons else "refused"},
     )
     outcome = Outcome(
-        name=spec.name, metric=spec.metric, holdout=holdout, passed=not reasons, reasons=reasons,
-        family=family, search=result, parity=parity, run_id=run_id,
-        production_version=prod_version, production_holdout=prod_score,
+        name=spec.name,
+        metric=spec.metric,
+        holdout=holdout,
+        passed=not reasons,
+        reasons=reasons,
+        family=family,
+        search=result,
+        parity=parity,
+        run_id=run_id,
+        production_version=prod_version,
+        production_holdout=prod_score,
     )
     if outcome.passed:
-        outcome.version = registry.register_version(uri, spec.name, source, run_id, {**tags, "run_id": run_id})
+        outcome.version = registry.register_version(
+            uri, spec.name, source, run_id, {**tags, "run_id": run_id}
+        )
         registry.set_alias(uri, spec.name, registry.CANDIDATE, outcome.version)
     return outcome

@@ -66,10 +66,16 @@ def _clipper_convert(scope, operator, container) -> None:
     container.add_initializer(hi, TensorProto.FLOAT, [n], op.upper_.astype(np.float32).tolist())
     raised = scope.get_unique_variable_name("clip_raised")
     container.add_node(
-        "Max", [operator.inputs[0].full_name, lo], raised, name=scope.get_unique_operator_name("Max")
+        "Max",
+        [operator.inputs[0].full_name, lo],
+        raised,
+        name=scope.get_unique_operator_name("Max"),
     )
     container.add_node(
-        "Min", [raised, hi], operator.outputs[0].full_name, name=scope.get_unique_operator_name("Min")
+        "Min",
+        [raised, hi],
+        operator.outputs[0].full_name,
+        name=scope.get_unique_operator_name("Min"),
     )
 
 
@@ -95,7 +101,9 @@ def build_preprocessor(spec: PreprocessSpec, schema: FeatureSchema) -> ColumnTra
         transformers.append(("numeric", numeric, schema.numeric))
     if schema.categorical:
         # Categories come from the schema (the train split), so fitting adds nothing new.
-        categories = [next(f.categories for f in schema.features if f.name == c) for c in schema.categorical]
+        categories = [
+            next(f.categories for f in schema.features if f.name == c) for c in schema.categorical
+        ]
         onehot = OneHotEncoder(
             categories=categories, handle_unknown="ignore", sparse_output=False, dtype=np.float32
         )
@@ -143,7 +151,9 @@ class Preprocessor:
         return {**self.__dict__, "_session": None}
 
 
-def fit_preprocessor(spec: PreprocessSpec, schema: FeatureSchema, X_train: pd.DataFrame) -> Preprocessor:
+def fit_preprocessor(
+    spec: PreprocessSpec, schema: FeatureSchema, X_train: pd.DataFrame
+) -> Preprocessor:
     """Fit on the train split only; refuses missing numerics when imputation is off."""
     if spec.impute == "none" and schema.numeric and X_train[schema.numeric].isna().any().any():
         cols = X_train[schema.numeric].columns[X_train[schema.numeric].isna().any()].tolist()

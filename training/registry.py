@@ -80,7 +80,9 @@ def log_winner(
 ) -> tuple[str, str]:
     """Log the winner's run with its ``model/`` artifacts; returns (run id, artifact source URI)."""
     c = client(uri)
-    run = c.create_run(ensure_experiment(uri, name), tags={**tags, "mlflow.runName": f"{name}-winner"})
+    run = c.create_run(
+        ensure_experiment(uri, name), tags={**tags, "mlflow.runName": f"{name}-winner"}
+    )
     run_id = run.info.run_id
     try:
         for key, value in params.items():
@@ -92,7 +94,11 @@ def log_winner(
             folder.mkdir()
             (folder / "model.onnx").write_bytes(onnx_bytes)
             for filename, content in files.items():
-                text = content if isinstance(content, str) else json.dumps(content, indent=2, default=str)
+                text = (
+                    content
+                    if isinstance(content, str)
+                    else json.dumps(content, indent=2, default=str)
+                )
                 (folder / filename).write_text(text)
             c.log_artifacts(run_id, str(folder), artifact_path="model")
         c.set_terminated(run_id)
@@ -140,7 +146,11 @@ def load_artifact(uri: str, name: str, ref: str = PRODUCTION) -> ModelArtifact:
 
     mv = resolve_version(uri, name, ref)
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=mv.source, dst_path=tmp, tracking_uri=uri))
+        local = Path(
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=mv.source, dst_path=tmp, tracking_uri=uri
+            )
+        )
         onnx_bytes = (local / "model.onnx").read_bytes()
         expected = mv.tags.get("onnx_sha256")
         if not expected or sha256(onnx_bytes) != expected:

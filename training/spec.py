@@ -112,7 +112,9 @@ class TorchMLPSpec(_Strict):
     def _known_params(cls, v: dict[str, SpaceValue]) -> dict[str, SpaceValue]:
         unknown = sorted(set(v) - set(TORCH_MLP_PARAMS))
         if unknown:
-            raise ValueError(f"unknown torch_mlp parameter(s) {unknown}; allowed: {list(TORCH_MLP_PARAMS)}")
+            raise ValueError(
+                f"unknown torch_mlp parameter(s) {unknown}; allowed: {list(TORCH_MLP_PARAMS)}"
+            )
         return _check_bounds(v)
 
 

@@ -83,7 +83,9 @@ def evaluate_native(est, X: np.ndarray, y: np.ndarray, ctx: TrialContext) -> flo
     return score(ctx.metric, y, est.predict(X))
 
 
-def _torch_trial(model: dict[str, Any], params: dict[str, Any], ctx: TrialContext, family: int) -> None:
+def _torch_trial(
+    model: dict[str, Any], params: dict[str, Any], ctx: TrialContext, family: int
+) -> None:
     import ray.train
     from ray import tune
     from ray.train.torch import TorchTrainer
@@ -98,7 +100,9 @@ def _torch_trial(model: dict[str, Any], params: dict[str, Any], ctx: TrialContex
         torch_worker_loop,
         train_loop_config={**TORCH_DEFAULTS, **params, "_ctx": ctx},
         scaling_config=ray.train.ScalingConfig(
-            num_workers=int(model.get("workers", 1)), use_gpu=gpus > 0, resources_per_worker=resources
+            num_workers=int(model.get("workers", 1)),
+            use_gpu=gpus > 0,
+            resources_per_worker=resources,
         ),
         run_config=ray.train.RunConfig(
             name=f"train-{trial.get_trial_id()}",
@@ -111,7 +115,10 @@ def _torch_trial(model: dict[str, Any], params: dict[str, Any], ctx: TrialContex
 
 
 def torch_worker_loop(config: dict[str, Any]) -> None:
-    """Per-worker DDP loop: shard the train split, train, report valid score + checkpoint per epoch."""
+    """Per-worker DDP loop: shard the train split, train, report valid score + checkpoint per epoch.
+
+    Runs on every Train worker.
+    """
     import ray
     import ray.train
     import ray.train.torch
@@ -126,7 +133,12 @@ def torch_worker_loop(config: dict[str, Any]) -> None:
     )
     classify = ctx.task == "classification"
     y_mean, y_std = (0.0, 1.0) if classify else (float(y_train.mean()), float(y_train.std() or 1.0))
-    net = build_mlp(X_train.shape[1], ctx.n_classes if classify else 1, config["hidden_layers"], config["dropout"])
+    net = build_mlp(
+        X_train.shape[1],
+        ctx.n_classes if classify else 1,
+        config["hidden_layers"],
+        config["dropout"],
+    )
     start_epoch = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -144,7 +156,9 @@ def torch_worker_loop(config: dict[str, Any]) -> None:
         generator=torch.Generator().manual_seed(ctx.seed),
     )
     loader = ray.train.torch.prepare_data_loader(loader)
-    opt = torch.optim.Adam(model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"]))
+    opt = torch.optim.Adam(
+        model.parameters(), lr=float(config["lr"]), weight_decay=float(config["weight_decay"])
+    )
     loss_fn = torch.nn.CrossEntropyLoss() if classify else torch.nn.MSELoss()
     device = ray.train.torch.get_device()
     X_valid_t = torch.as_tensor(X_valid).to(device)

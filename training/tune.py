@@ -11,6 +11,7 @@ restores the newest one with :meth:`ray.tune.Tuner.restore`.
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -55,7 +56,9 @@ def param_space(spec: Spec) -> dict[str, Any]:
     grid = spec.search.algorithm == "grid"
     families = list(range(len(spec.models)))
     space: dict[str, Any] = {
-        "family": tune.grid_search(families) if grid else tune.choice(families)
+        "family": tune.grid_search(families)
+        if grid
+        else tune.choice(families)
         if len(families) > 1
         else 0
     }
@@ -110,7 +113,10 @@ def _scheduler(spec: Spec):
         for i, m in enumerate(spec.models):
             for key in ("lr", "dropout", "weight_decay"):
                 if key in m.space and not isinstance(m.space[key], int | float):
-                    mutations[f"f{i}"] = {**mutations.get(f"f{i}", {}), key: _to_tune(m.space[key], False)}
+                    mutations[f"f{i}"] = {
+                        **mutations.get(f"f{i}", {}),
+                        key: _to_tune(m.space[key], False),
+                    }
         return schedulers.PopulationBasedTraining(
             perturbation_interval=max(1, max_t // 4), hyperparam_mutations=mutations
         )
@@ -119,13 +125,18 @@ def _scheduler(spec: Spec):
 
 def trial_resources(spec: Spec) -> Callable[[dict[str, Any]], dict[str, float]]:
     """Tune resources per trial: a sklearn trial uses its CPUs; a torch trial is only a
-    Train driver (its workers hold the CPUs), so it asks for a sliver of one."""
+    Train driver (its workers hold the CPUs), so it asks for no CPU, only a little memory
+    (Tune refuses an empty request; a CPU sliver would make 2 workers on 2 CPUs infeasible)."""
     models = spec.models
     cpus = spec.search.cpus_per_trial
 
     def resources(config: dict[str, Any]) -> dict[str, float]:
         family = int(config.get("family", 0))
-        return {"CPU": 0.01} if models[family].type == "torch_mlp" else {"CPU": cpus}
+        return (
+            {"CPU": 0, "memory": 64 * 1024**2}
+            if models[family].type == "torch_mlp"
+            else {"CPU": cpus}
+        )
 
     return resources
 
@@ -133,7 +144,8 @@ def trial_resources(spec: Spec) -> Callable[[dict[str, Any]], dict[str, float]]:
 def default_concurrency(spec: Spec, cluster_cpus: float) -> int:
     """What the cluster's CPUs allow for the family with the largest footprint."""
     need = max(
-        spec.search.cpus_per_trial * (m.workers if m.type == "torch_mlp" else 1) for m in spec.models
+        spec.search.cpus_per_trial * (m.workers if m.type == "torch_mlp" else 1)
+        for m in spec.models
     )
     return max(1, math.floor(cluster_cpus / need))
 
@@ -154,6 +166,8 @@ def run_search(
     callbacks: list | None = None,
 ) -> SearchResult:
     """Run (or resume) the search; Ray must already be initialised by the caller."""
+    # Tune warns on every checkpoint of short trials; the snapshots are cheap here.
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
     from ray.air.integrations.mlflow import MLflowLoggerCallback
@@ -185,6 +199,7 @@ def run_search(
                 num_samples=num_samples or spec.search.num_samples,
                 max_concurrent_trials=concurrency,
                 time_budget_s=spec.search.time_budget_s,
+                trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
             ),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
@@ -205,7 +220,9 @@ def _summarise(grid, spec: Spec, wall: float) -> SearchResult:
     if not ok:
         errors = [str(r.error).splitlines()[-1] for r in grid if r.error is not None][:3]
         raise RuntimeError(f"no trial of the search finished; errors: {errors}")
-    best = grid.get_best_result(metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True)
+    best = grid.get_best_result(
+        metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True
+    )
     checkpoint = best.metrics.get("checkpoint_path") or (best.checkpoint and best.checkpoint.path)
     if not checkpoint:
         raise RuntimeError(f"best trial {best.metrics.get('trial_id')} left no checkpoint")
