@@ -1,0 +1,111 @@
+"""A real registered model for the serving tests: churn CSV → preprocessing + logistic
+regression → one ONNX graph → MLflow (SQLite store in a tmp dir), trained once per session.
+
+Versions: 1 (alias ``production``), 2 (its model.onnx overwritten after registration:
+fails its checksum), 3 (the same graph as 1, for the hot swap).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import pandas as pd
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME = "churn"
+
+
+@dataclass
+class Registered:
+    uri: str
+    name: str
+    onnx_bytes: bytes
+    schema: object  # training.data.FeatureSchema
+    X_test: pd.DataFrame
+    good_version: str
+    tampered_version: str
+    swap_version: str
+
+
+def _make_churn():
+    spec = importlib.util.spec_from_file_location("make_csv", ROOT / "examples" / "make_csv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_churn()
+
+
+def _log_and_register(uri: str, name: str, onnx_bytes: bytes, sha: str, files: dict, metrics: dict):
+    from training import registry
+
+    run_id, source = registry.log_winner(
+        uri,
+        name,
+        onnx_bytes=onnx_bytes,
+        files=files,
+        params={"family": "logreg"},
+        metrics=metrics,
+        tags={"rayship.test": "services"},
+    )
+    version = registry.register_version(uri, name, source, run_id, tags={"onnx_sha256": sha})
+    return version, source
+
+
+@pytest.fixture(scope="session")
+def registered(tmp_path_factory) -> Registered:
+    import numpy as np
+
+    from training import export, registry
+    from training.data import load_splits, profile
+    from training.models import make_estimator
+    from training.preprocess import fit_preprocessor
+    from training.spec import parse_spec, spec_to_yaml
+
+    tmp = tmp_path_factory.mktemp("services")
+    csv = tmp / "churn.csv"
+    _make_churn().to_csv(csv, index=False)
+    estimator = "sklearn.linear_model.LogisticRegression"
+    spec = parse_spec(
+        {
+            "name": NAME,
+            "task": "classification",
+            "data": {"source": str(csv), "target": "churn", "categorical": ["plan", "region"]},
+            "metric": "accuracy",
+            "models": [{"type": "sklearn", "estimator": estimator, "space": {}}],
+        }
+    )
+    splits = load_splits(spec.data, spec.task)
+    schema = splits.schema
+    pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
+    feats = pre.transform(splits.X_train)
+    y = np.array([schema.classes.index(c) for c in splits.y_train])
+    est = make_estimator(estimator, {"max_iter": 500}, spec.data.seed).fit(feats, y)
+    onnx_bytes = export.assemble(
+        pre, export.sklearn_model_graph(est, feats.shape[1], spec.task), schema
+    )
+    pred, _ = export.run_onnx(onnx_bytes, splits.X_test, schema)
+    accuracy = float(np.mean(pred == splits.y_test.to_numpy()))
+
+    uri = f"sqlite:///{tmp / 'state' / 'mlflow.db'}"
+    (tmp / "state").mkdir()
+    files = {
+        "schema.json": schema.to_dict(),
+        "metrics.json": {"accuracy": accuracy},
+        "profile.json": profile(splits.X_train, schema),
+        "spec.yaml": spec_to_yaml(spec),
+        "lineage.json": {"data_hash": splits.content_hash},
+    }
+    sha = registry.sha256(onnx_bytes)
+    good, _ = _log_and_register(uri, NAME, onnx_bytes, sha, files, {"accuracy": accuracy})
+    registry.set_alias(uri, NAME, registry.PRODUCTION, good)
+    # A version whose model.onnx is replaced after registration: a valid graph with one
+    # byte string changed, so only the checksum can tell.
+    tampered, source = _log_and_register(uri, NAME, onnx_bytes, sha, files, {"accuracy": accuracy})
+    onnx_path = Path(unquote(urlparse(source).path)) / "model.onnx"
+    assert onnx_path.read_bytes() == onnx_bytes
+    onnx_path.write_bytes(onnx_bytes.replace(b"rayship", b"tampers"))
+    swap, _ = _log_and_register(uri, NAME, onnx_bytes, sha, files, {"accuracy": accuracy})
+    return Registered(uri, NAME, onnx_bytes, schema, splits.X_test, good, tampered, swap)
