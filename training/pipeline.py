@@ -176,7 +176,7 @@ def search_and_register(
     uri = registry.tracking_uri(state_dir)
     prep = prepare(spec)
     if not ray.is_initialized():
-        connect() if connect else ray.init(include_dashboard=False)
+        connect() if connect else ray.init()
     schema = prep.splits.schema
     ctx = TrialContext(
         task=spec.task,

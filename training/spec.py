@@ -253,8 +253,9 @@ def _format_errors(exc: ValidationError) -> list[str]:
         # Drop pydantic's union-branch tags ("TorchMLPSpec", "function-after[...]") from paths.
         loc = [
             str(p)
-            for p in err["loc"]
+            for i, p in enumerate(err["loc"])
             if not (isinstance(p, str) and (p[:1].isupper() or "[" in p or p in SPACE_TAGS))
+            and not (p in MODEL_TYPES and i > 0 and isinstance(err["loc"][i - 1], int))
         ]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
@@ -269,6 +270,7 @@ def _format_errors(exc: ValidationError) -> list[str]:
     return list(seen.values())
 
 
+MODEL_TYPES = {"torch_mlp", "sklearn"}  # discriminator tags pydantic puts after models.N
 SPACE_TAGS = {"bool", "int", "float", "str", "list[any]", "none", "tagged-union"}
 
 

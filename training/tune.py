@@ -22,6 +22,10 @@ from training.spec import Choice, LogUniform, RandInt, Spec, Uniform
 from training.train import TrialContext, run_trial
 
 
+class SearchError(RuntimeError):
+    """The search produced no usable winner, or was interrupted (message says what to do)."""
+
+
 @dataclass
 class SearchResult:
     best_config: dict[str, Any]
@@ -185,6 +189,10 @@ def run_search(
         tuner = tune.Tuner.restore(
             str(path.resolve()), trainable, resume_unfinished=True, resume_errored=True
         )
+        # The restored run config holds the callbacks as pickled; show this process's.
+        local = getattr(tuner, "_local_tuner", None)
+        if local is not None and callbacks:
+            local.get_run_config().callbacks = [mlflow_cb, *callbacks]
     else:
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrency = spec.search.max_concurrent_trials or default_concurrency(spec, cpus)
@@ -216,16 +224,23 @@ def run_search(
 
 
 def _summarise(grid, spec: Spec, wall: float) -> SearchResult:
+    unfinished = len(grid) - grid.num_terminated - grid.num_errors
+    if unfinished:
+        # Ctrl-C: Tune saved the experiment; a winner of a partial search is not a winner.
+        raise SearchError(
+            f"search interrupted with {unfinished} of {len(grid)} trials unfinished; "
+            f"its state is in {grid.experiment_path}; continue it with --resume"
+        )
     ok = [r for r in grid if r.error is None and r.metrics and spec.metric in r.metrics]
     if not ok:
-        errors = [str(r.error).splitlines()[-1] for r in grid if r.error is not None][:3]
-        raise RuntimeError(f"no trial of the search finished; errors: {errors}")
+        errors = [str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None][:3]
+        raise SearchError(f"no trial of the search finished; errors: {errors}")
     best = grid.get_best_result(
         metric=spec.metric, mode=spec.mode, scope="last", filter_nan_and_inf=True
     )
     checkpoint = best.metrics.get("checkpoint_path") or (best.checkpoint and best.checkpoint.path)
     if not checkpoint:
-        raise RuntimeError(f"best trial {best.metrics.get('trial_id')} left no checkpoint")
+        raise SearchError(f"best trial {best.metrics.get('trial_id')} left no checkpoint")
     nodes = set()
     for r in grid:
         df = r.metrics_dataframe
