@@ -151,7 +151,7 @@ def up(
     2-core box `up(workers=3)` gives 4 nodes of 1 CPU each (oversubscribed on purpose:
     the point is several nodes, not speed). The object store is split the same way
     (30% of RAM, capped by /dev/shm, over the nodes, at least 100 MiB each). The
-    dashboard is off (it adds seconds to startup and nothing here needs it).
+    dashboard runs on 127.0.0.1 only: Ray Train needs its state API.
 
     Raises `ClusterError` when a cluster recorded in `state_dir` is still running
     (a stale record of a dead one is cleaned up instead), or when a node fails to
@@ -214,7 +214,10 @@ def up(
         ]
         query: subprocess.Popen[str] | None = None
         try:
-            gcs_port, client_port, *agent_ports = _free_ports(nodes + 2)
+            gcs_port, client_port, dashboard_port, *agent_ports = _free_ports(nodes + 3)
+            # Ray processes find their own cluster, not another Ray on this machine
+            # (Ray's state API refuses to guess when it sees several).
+            env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
             # All `ray start`s at once (each spends ~3 s importing Ray): worker nodes
             # retry the GCS for ~20 s, and Ray resolves 127.0.0.1 to the same node IP
             # for them as for the head.
@@ -223,7 +226,12 @@ def up(
                     [
                         "--head",
                         f"--port={gcs_port}",
-                        "--include-dashboard=false",
+                        # The dashboard serves Ray's state API, which Ray Train's
+                        # placement-group cleaner needs: without it, a torch trial that
+                        # Tune stops early leaks its workers' CPUs to later trials.
+                        "--include-dashboard=true",
+                        "--dashboard-host=127.0.0.1",
+                        f"--dashboard-port={dashboard_port}",
                         f"--ray-client-server-port={client_port}",
                         f"--dashboard-agent-listen-port={agent_ports[0]}",
                         "--node-name=rayship-head",
@@ -321,8 +329,9 @@ def connect(state_dir: Path = DEFAULT_STATE_DIR, **init_kwargs: Any) -> str:
     `RAY_AUTH_TOKEN_PATH` in `os.environ` (and removes `RAY_AUTH_TOKEN`, which Ray
     would prefer), so Ray processes this one starts later inherit them. Otherwise
     start a private in-process Ray (`address="local"`, so neither `RAY_ADDRESS` nor
-    /tmp/ray's last cluster is picked up) with the dashboard off; Ray then turns on
-    token auth and creates `~/.ray/auth_token` if missing. `init_kwargs` go to
+    /tmp/ray's last cluster is picked up) with its dashboard (Ray Train's state
+    API); Ray then turns on token auth and creates `~/.ray/auth_token` if missing.
+    `init_kwargs` go to
     `ray.init` (e.g. `log_to_driver=False`, `runtime_env=...`). Ray workers run
     this interpreter and so import `training`/`services` from the same install.
     """
@@ -344,7 +353,6 @@ def connect(state_dir: Path = DEFAULT_STATE_DIR, **init_kwargs: Any) -> str:
         ray.init(address=running.address, **init_kwargs)
         return _describe_connected(ray, running)
 
-    init_kwargs.setdefault("include_dashboard", False)
     ray.init(address="local", **init_kwargs)
     return _describe_connected(ray, None)
 
