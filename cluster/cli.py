@@ -1,0 +1,378 @@
+"""The ``rayship`` command line (Typer, rich).
+
+Every command exits non-zero with one clear line on a known failure (a refused
+spec, bad data, a failed export, an unknown model, a cluster problem). State
+lives under ``./.rayship`` of the working directory.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
+models_app = typer.Typer(no_args_is_help=True, help="Registered model versions and aliases.")
+app.add_typer(models_app, name="models")
+console = Console()
+STATE = Path(".rayship")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[bold red]error:[/] {message}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    from cluster.local import ClusterError
+    from services.deploy import DeployError, PredictError
+    from training.data import DataError
+    from training.export import ExportError
+    from training.registry import RegistryError
+    from training.spec import SpecError
+    from training.tune import SearchError
+
+    return (
+        SpecError,
+        DataError,
+        ExportError,
+        RegistryError,
+        ClusterError,
+        SearchError,
+        DeployError,
+        PredictError,
+        FileNotFoundError,
+        ValueError,
+    )
+
+
+def _guard(fn):
+    """Turn the errors a user can act on into one red line and exit code 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except _known_errors() as exc:
+            _fail(str(exc))
+
+    return wrapper
+
+
+def _load_spec(path: Path):
+    from training.spec import load_spec
+
+    return load_spec(path)
+
+
+def _tracking_uri() -> str:
+    from training.registry import tracking_uri
+
+    return tracking_uri(STATE)
+
+
+def _quiet() -> None:
+    """Keep the terminal to rayship's own lines: the rich progress bar stands in for
+    Tune's status table, and Ray/MLflow INFO logs and worker output stay in the Ray
+    session's log files (trial errors still reach the summary)."""
+    import logging
+    import os
+    import warnings
+
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    for name in ("ray", "ray.tune", "ray.train", "ray.serve", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    # Optuna warns that list choices (hidden_layers) cannot go to its persistent storage;
+    # rayship keeps Optuna's study in memory.
+    warnings.filterwarnings("ignore", message="Choices for a categorical distribution")
+
+
+@app.callback()
+def _main() -> None:
+    _quiet()
+
+
+def _connect(persistent: bool) -> None:
+    """Connect to the recorded cluster; without one, start a head node that outlives this
+    command (``persistent``, so an endpoint keeps answering) or an in-process Ray."""
+    from cluster import local
+
+    if persistent and local.status(STATE) is None:
+        console.print("[dim]no rayship cluster running: starting one (rayship down stops it)[/]")
+        local.up(workers=0, state_dir=STATE)
+    console.print(f"[dim]Ray: {local.connect(STATE, log_to_driver=False)}[/]")
+
+
+def _search(spec, num_samples: int | None, resume: bool, persistent: bool):
+    from cluster.progress import SearchProgress
+    from training.pipeline import search_and_register
+
+    total = num_samples or spec.search.num_samples
+    with SearchProgress(console, spec.metric, spec.mode, total) as progress:
+        return search_and_register(
+            spec,
+            state_dir=STATE,
+            num_samples=num_samples,
+            resume=resume,
+            callbacks=[progress],
+            connect=lambda: _connect(persistent),
+        )
+
+
+def _print_outcome(outcome) -> None:
+    s = outcome.search
+    console.print(
+        f"search: {s.trials} trials ({s.errored} errored) in {s.wall_s:.1f} s; "
+        f"winner {outcome.family} "
+        f"(trial {s.trial_id}), valid {outcome.metric} {s.best_metrics[outcome.metric]:.4f}"
+    )
+    console.print(
+        f"holdout {outcome.metric}: [bold]{outcome.holdout:.4f}[/]; ONNX parity max diff "
+        f"{outcome.parity.max_abs_diff:.2e} on {outcome.parity.rows} rows"
+    )
+    if outcome.passed:
+        console.print(
+            f"[green]gate passed[/]: registered {outcome.name} "
+            f"version {outcome.version} as candidate"
+        )
+    else:
+        reasons = "; ".join(outcome.reasons)
+        console.print(f"[yellow]gate refused[/]: {reasons} (no version registered)")
+
+
+@app.command()
+@_guard
+def tune(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML)")],
+    num_samples: Annotated[
+        int | None, typer.Option(min=1, help="override search.num_samples")
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option(help="continue the newest interrupted search of this spec")
+    ] = False,
+) -> None:
+    """Search and train; register the winner as `candidate` when it passes the gate."""
+    spec = _load_spec(spec_path)
+    outcome = _search(spec, num_samples, resume, persistent=False)
+    _print_outcome(outcome)
+    if not outcome.passed:
+        raise typer.Exit(2)
+
+
+@app.command()
+@_guard
+def run(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML)")],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the endpoint")] = 8000,
+    num_samples: Annotated[
+        int | None, typer.Option(min=1, help="override search.num_samples")
+    ] = None,
+) -> None:
+    """The main job: search → gate → register → promote → serve → one sample prediction."""
+    from services.deploy import predict_http, serve_model
+    from training import registry
+
+    spec = _load_spec(spec_path)
+    outcome = _search(spec, num_samples, resume=False, persistent=True)
+    _print_outcome(outcome)
+    uri = _tracking_uri()
+    if outcome.passed:
+        registry.set_alias(uri, spec.name, registry.PRODUCTION, outcome.version)
+        console.print(f"promoted {spec.name} version {outcome.version} to production")
+    elif outcome.production_version is None:
+        _fail(
+            f"no version of {spec.name} passed the gate and none is in production; nothing to serve"
+        )
+    else:
+        console.print(f"serving the current production version {outcome.production_version}")
+    url = serve_model(
+        spec.name, registry.PRODUCTION, tracking_uri=uri, serve_spec=spec.serve, port=port
+    )
+    sample = _sample_request(spec)
+    reply = predict_http(url, spec.route, sample["instances"])
+    console.print(f"sample prediction: {json.dumps(reply)}")
+    sample_path = STATE / f"{spec.name}-sample.json"
+    sample_path.write_text(json.dumps(sample))
+    console.print(f"endpoint: [bold]{url}/v1/models/{spec.route}:predict[/]")
+    console.print(
+        f"curl -s -X POST {url}/v1/models/{spec.route}:predict "
+        f"-H 'Content-Type: application/json' -d @{sample_path}",
+        soft_wrap=True,
+    )
+
+
+def _sample_request(spec) -> dict:
+    """One holdout row as a V1 request body (missing values as null)."""
+    from training.data import load_splits
+
+    row = load_splits(spec.data, spec.task).X_test.iloc[0].to_dict()
+    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
+    # str() of a float32 is its shortest repr (13.82, not 13.819999694824219)
+    return {
+        "instances": [{k: (float(str(v)) if hasattr(v, "dtype") else v) for k, v in clean.items()}]
+    }
+
+
+@models_app.command("list")
+@_guard
+def models_list(
+    name: Annotated[str | None, typer.Argument(help="one model; default: all")] = None,
+) -> None:
+    """Versions with their holdout metric and aliases."""
+    from training.registry import list_versions
+
+    rows = list_versions(_tracking_uri(), name)
+    table = Table("model", "version", "aliases", "family", "metric", "holdout")
+    for r in rows:
+        table.add_row(
+            r["name"], r["version"], ", ".join(r["aliases"]), r["family"], r["metric"], r["holdout"]
+        )
+    console.print(table if rows else "no registered models")
+
+
+@models_app.command("promote")
+@_guard
+def models_promote(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+    version: Annotated[int, typer.Argument(min=1, help="version number to move `production` to")],
+) -> None:
+    """Move the `production` alias to VERSION."""
+    from training import registry
+
+    registry.set_alias(_tracking_uri(), name, registry.PRODUCTION, str(version))
+    console.print(f"{name}: production → version {version}")
+
+
+def _parse_ref(text: str) -> tuple[str, str]:
+    """NAME, NAME@alias or NAME/version → (name, ref)."""
+    if "@" in text:
+        name, ref = text.split("@", 1)
+    elif "/" in text:
+        name, ref = text.split("/", 1)
+        if not ref.isdigit():
+            raise ValueError(f"{text!r}: a version after '/' must be a number")
+    else:
+        name, ref = text, "production"
+    if not name or not ref:
+        raise ValueError(f"{text!r}: expected NAME, NAME@alias or NAME/version")
+    return name, ref
+
+
+@app.command()
+@_guard
+def serve(
+    models: Annotated[
+        list[str], typer.Argument(metavar="NAME[@alias|/version]...", help="models to serve")
+    ],
+    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the endpoint")] = 8000,
+) -> None:
+    """Serve registered models on the local Ray cluster (started if none runs)."""
+    from services.deploy import serve_model
+
+    refs = [_parse_ref(m) for m in models]
+    if len(refs) > 1:
+        _fail("one model per endpoint for now; serve the others on another --port")
+    name, ref = refs[0]
+    uri = _tracking_uri()
+    from training.registry import resolve_version
+
+    resolve_version(uri, name, ref)  # an unknown model fails before Ray starts
+    _connect(persistent=True)
+    url = serve_model(name, ref, tracking_uri=uri, port=port)
+    console.print(f"serving {name}@{ref} at [bold]{url}/v1/models/{name}:predict[/]")
+
+
+@app.command()
+@_guard
+def predict(
+    name: Annotated[str, typer.Argument(help="model name (its route)")],
+    input: Annotated[
+        Path, typer.Option("--input", exists=True, dir_okay=False, help="CSV of feature rows")
+    ],
+    url: Annotated[str, typer.Option(help="endpoint base URL")] = "http://127.0.0.1:8000",
+    output: Annotated[
+        Path | None, typer.Option(help="write a CSV with a prediction column")
+    ] = None,
+    batch: Annotated[int, typer.Option(min=1, help="rows per request")] = 256,
+) -> None:
+    """Send the rows of a CSV to the endpoint; print or write the predictions."""
+    import pandas as pd
+
+    from services.deploy import predict_http
+    from training.data import safe_name
+
+    frame = pd.read_csv(input)
+    frame.columns = [safe_name(c) for c in frame.columns]
+    rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
+    predictions = []
+    for start in range(0, len(rows), batch):
+        predictions += predict_http(url, name, rows[start : start + batch])["predictions"]
+    if output:
+        frame.assign(prediction=predictions).to_csv(output, index=False)
+        console.print(f"wrote {len(predictions)} predictions to {output}")
+    else:
+        for p in predictions:
+            print(p)
+
+
+@app.command()
+@_guard
+def up(
+    workers: Annotated[int, typer.Option(min=0, help="worker nodes besides the head")] = 1,
+    cpus_per_node: Annotated[
+        int | None, typer.Option(min=1, help="CPUs each node advertises")
+    ] = None,
+) -> None:
+    """Start a local multi-node Ray cluster: a head and N worker nodes on this machine."""
+    from cluster import local
+
+    info = local.up(workers=workers, cpus_per_node=cpus_per_node, state_dir=STATE)
+    console.print(f"Ray cluster at {info.address}: head + {workers} worker node(s)")
+
+
+@app.command()
+@_guard
+def down() -> None:
+    """Stop the local Ray cluster (and every endpoint on it)."""
+    from cluster import local
+
+    console.print("stopped" if local.down(STATE) else "no rayship cluster was running")
+
+
+@app.command()
+@_guard
+def status() -> None:
+    """Nodes and CPUs of the local Ray cluster."""
+    from cluster import local
+
+    st = local.status(STATE)
+    if st is None:
+        console.print("no rayship cluster running (rayship up starts one)")
+        raise typer.Exit(1)
+    table = Table("node", "name", "head", "alive", "CPUs", "free")
+    for n in st.nodes:
+        table.add_row(
+            n.node_id[:12],
+            n.name,
+            "yes" if n.is_head else "",
+            "yes" if n.alive else "no",
+            f"{n.cpus:g}",
+            f"{n.cpus_available:g}",
+        )
+    console.print(
+        f"cluster at {st.address}: {st.alive_nodes} alive node(s), {st.cpus_total:g} CPUs"
+    )
+    console.print(table)
+
+
+if __name__ == "__main__":
+    app()
