@@ -1,0 +1,85 @@
+"""`rayship tune --resume` continues a search interrupted with Ctrl-C.
+
+Real processes: `rayship tune` is started, interrupted with SIGINT once its first
+trial has reported, then resumed by a second `rayship tune --resume`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from conftest import churn_spec
+
+from training import registry
+
+TRIALS = 4
+
+
+def rayship(*args: str, cwd: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def reported_trials(state: Path) -> list[Path]:
+    return [p for p in state.glob("searches/churn-*/trial-*/result.json") if p.stat().st_size]
+
+
+def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, churn_csv):
+    raw = churn_spec(churn_csv)
+    raw["models"][0]["space"] = {"C": 1.0}  # grid: constants and choices only
+    raw["models"].append(
+        {"type": "sklearn", "estimator": "sklearn.svm.SVC", "space": {"probability": True}}
+    )
+    raw["search"] = {
+        "algorithm": "grid",
+        "scheduler": "none",
+        "num_samples": 2,
+        "max_concurrent_trials": 1,
+    }
+    spec = tmp_path / "churn.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    state = tmp_path / ".rayship"
+
+    first = rayship("tune", str(spec), cwd=tmp_path)
+    deadline = time.monotonic() + 240
+    while not reported_trials(state) and time.monotonic() < deadline:
+        assert first.poll() is None, first.stdout.read()
+        time.sleep(0.2)
+    assert reported_trials(state), "no trial reported within 240 s"
+    first.send_signal(signal.SIGINT)
+    out, _ = first.communicate(timeout=120)
+    assert first.returncode == 1, out
+    assert "interrupted" in out and "--resume" in out
+    assert registry.list_versions(registry.tracking_uri(state)) == []  # nothing registered
+    done_before = {p.parent.name: p.read_text() for p in reported_trials(state)}
+    assert 0 < len(done_before) < TRIALS
+
+    second = rayship("tune", str(spec), "--resume", cwd=tmp_path)
+    out, _ = second.communicate(timeout=300)
+    assert second.returncode == 0, out
+    assert f"search: {TRIALS} trials (0 errored)" in out
+    searches = list(state.glob("searches/churn-*"))
+    assert len(searches) == 1  # the same search continued, not a new one
+    after = {p.parent.name: p.read_text() for p in reported_trials(state)}
+    assert len(after) == TRIALS
+    for trial, result in done_before.items():
+        # A trial that had finished was not run again.
+        assert after[trial] == result
+    assert [v["aliases"] for v in registry.list_versions(registry.tracking_uri(state))] == [
+        ["candidate"]
+    ]
+    assert json.loads(next(iter(after.values())).splitlines()[-1])["node_id"]
