@@ -311,10 +311,10 @@ def check_parity(
         mismatches = int(
             np.sum((np.asarray(pred).astype(str) != np.asarray(native_pred).astype(str)) & ~tied)
         )
-        return Parity(len(X), mismatches, diff, pre_diff)
+        return Parity(len(X), mismatches, diff, pre_diff, TOLERANCE)
     ref = np.asarray(native_pred, dtype=np.float64)
     rel = np.abs(pred - ref) / (1.0 + np.abs(ref))
-    return Parity(len(X), 0, float(rel.max()) if len(X) else 0.0, pre_diff)
+    return Parity(len(X), 0, float(rel.max()) if len(X) else 0.0, pre_diff, TOLERANCE)
 
 
 def native_outputs(

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import math
 import os
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -218,19 +220,27 @@ def run_search(
                 verbose=0,
             ),
         )
-    grid = tuner.fit()
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        grid = tuner.fit()
+    finally:
+        # Tune swaps in its own SIGINT handler for the run and, on Ctrl-C, stops the
+        # run, saves its state, marks the running trials TERMINATED and puts the
+        # previous handler back. That swap is the only trace an interruption leaves.
+        in_main = threading.current_thread() is threading.main_thread()
+        interrupted = in_main and signal.getsignal(signal.SIGINT) is handler
+        if in_main:
+            signal.signal(signal.SIGINT, handler)
     wall = time.monotonic() - start
+    if interrupted:
+        raise SearchError(
+            f"search interrupted; its state is in {grid.experiment_path}; "
+            "continue it with `rayship tune SPEC --resume`"
+        )
     return _summarise(grid, spec, wall)
 
 
 def _summarise(grid, spec: Spec, wall: float) -> SearchResult:
-    unfinished = len(grid) - grid.num_terminated - grid.num_errors
-    if unfinished:
-        # Ctrl-C: Tune saved the experiment; a winner of a partial search is not a winner.
-        raise SearchError(
-            f"search interrupted with {unfinished} of {len(grid)} trials unfinished; "
-            f"its state is in {grid.experiment_path}; continue it with --resume"
-        )
     ok = [r for r in grid if r.error is None and r.metrics and spec.metric in r.metrics]
     if not ok:
         errors = [str(r.error).strip().splitlines()[-1] for r in grid if r.error is not None][:3]
