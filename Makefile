@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,11 +21,16 @@ demo: setup
 	$(BIN)/rayship run examples/digits.yaml
 
 test: setup
+	$(BIN)/ruff check .
 	$(BIN)/python examples/make_csv.py
 	$(BIN)/python -m pytest tests
 
 lint: setup
-	$(BIN)/ruff check training services cluster tests examples
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+bench: setup
+	$(BIN)/python benchmarks/trial_overhead.py --out benchmarks/results/trial_overhead.json
 
 clean:
 	rm -rf $(VENV) .rayship

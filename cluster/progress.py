@@ -45,13 +45,17 @@ class SearchProgress(Callback):
             return
         if self.best is None or (value > self.best if self.mode == "max" else value < self.best):
             self.best = value
-        running = sum(1 for t in trials if t.status == "RUNNING")
-        self.progress.update(
-            self.task, description=f"best {self.metric} {self.best:.4f} · {running} running"
-        )
+        self._describe(trials)
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.progress.advance(self.task)
+        self._describe(trials, leaving=trial)
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info: Any) -> None:
         self.progress.advance(self.task)
+        self._describe(trials, leaving=trial)
+
+    def _describe(self, trials: list, leaving=None) -> None:
+        running = sum(1 for t in trials if t.status == "RUNNING" and t is not leaving)
+        best = f"best {self.metric} {self.best:.4f} · " if self.best is not None else ""
+        self.progress.update(self.task, description=f"{best}{running} running")

@@ -6,22 +6,11 @@ import subprocess
 import sys
 
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import GOOD, offline_outputs, rows_of
 
 from services.predictor import BadInput, OnnxPredictor
 from training import export
-
-
-def rows_of(X: pd.DataFrame) -> list[dict]:
-    """Rows as a JSON client sends them: NaN and the missing category '' become null."""
-    return [
-        {
-            k: None if pd.isna(v) or v == "" else (v.item() if hasattr(v, "item") else v)
-            for k, v in r.items()
-        }
-        for r in X.to_dict(orient="records")
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -57,20 +46,9 @@ def test_unseen_category_nulls_and_loose_types(predictor, registered):
     row = rows_of(registered.X_test[:1])[0]
     odd = {**row, "plan": "enterprise", "region": None, "tenure_months": None, "support_tickets": 2}
     out = predictor.predict([odd], return_probabilities=True)
-    frame = pd.DataFrame([{**odd, "region": "", "tenure_months": np.nan}])[predictor.names]
-    frame = frame.astype({c: "float32" for c in registered.schema.numeric})
-    pred, proba = export.run_onnx(registered.onnx_bytes, frame, registered.schema)
+    pred, proba = offline_outputs(registered, odd)
     assert out["predictions"] == pred.tolist()
     np.testing.assert_allclose(out["probabilities"], proba, atol=1e-6)
-
-
-GOOD = {
-    "plan": "basic",
-    "region": "north",
-    "tenure_months": 3.0,
-    "monthly_charges": 50.0,
-    "support_tickets": 1.0,
-}
 
 
 @pytest.mark.parametrize(

@@ -12,8 +12,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import pandas as pd
 import pytest
+from conftest import GOOD, offline_outputs, rows_of
 
 from services.deploy import PredictError, predict_http, serve_model
 from training import export, registry
@@ -26,17 +26,6 @@ SPEC = ServeSpec(
     max_batch_size=16,
     batch_wait_timeout_s=0.002,
 )
-
-
-def rows_of(X: pd.DataFrame) -> list[dict]:
-    """Rows as a JSON client sends them: NaN and the missing category '' become null."""
-    return [
-        {
-            k: None if pd.isna(v) or v == "" else (v.item() if hasattr(v, "item") else v)
-            for k, v in r.items()
-        }
-        for r in X.to_dict(orient="records")
-    ]
 
 
 def free_port() -> int:
@@ -104,20 +93,9 @@ def test_unseen_category_and_nulls(endpoint, registered):
         "support_tickets": 4,
     }
     out = predict_http(endpoint, registered.name, [row], return_probabilities=True)
-    frame = pd.DataFrame([{**row, "region": "", "tenure_months": np.nan}])[registered.schema.names]
-    frame = frame.astype({c: "float32" for c in registered.schema.numeric})
-    pred, proba = export.run_onnx(registered.onnx_bytes, frame, registered.schema)
+    pred, proba = offline_outputs(registered, row)
     assert out["predictions"] == pred.tolist()
     np.testing.assert_allclose(out["probabilities"], proba, atol=1e-6)
-
-
-GOOD = {
-    "plan": "basic",
-    "region": "north",
-    "tenure_months": 3.0,
-    "monthly_charges": 50.0,
-    "support_tickets": 1.0,
-}
 
 
 @pytest.mark.parametrize(
