@@ -89,6 +89,7 @@ def _quiet() -> None:
 
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
     for name in ("ray", "ray.tune", "ray.train", "ray.serve", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.WARNING)
     # Optuna warns that list choices (hidden_layers) cannot go to its persistent storage;
@@ -116,6 +117,10 @@ def _search(spec, num_samples: int | None, resume: bool, persistent: bool):
     from cluster.progress import SearchProgress
     from training.pipeline import search_and_register
 
+    if spec.search.algorithm == "optuna":
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created…"
     total = num_samples or spec.search.num_samples
     with SearchProgress(console, spec.metric, spec.mode, total) as progress:
         return search_and_register(
@@ -131,7 +136,8 @@ def _search(spec, num_samples: int | None, resume: bool, persistent: bool):
 def _print_outcome(outcome) -> None:
     s = outcome.search
     console.print(
-        f"search: {s.trials} trials ({s.errored} errored) in {s.wall_s:.1f} s; "
+        f"search: {s.trials} trials ({s.errored} errored) on {len(s.trial_nodes)} node(s) "
+        f"in {s.wall_s:.1f} s; "
         f"winner {outcome.family} "
         f"(trial {s.trial_id}), valid {outcome.metric} {s.best_metrics[outcome.metric]:.4f}"
     )

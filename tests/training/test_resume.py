@@ -71,7 +71,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, churn_csv):
     second = rayship("tune", str(spec), "--resume", cwd=tmp_path)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
-    assert f"search: {TRIALS} trials (0 errored)" in out
+    assert f"search: {TRIALS} trials (0 errored) on 1 node(s)" in out
     searches = list(state.glob("searches/churn-*"))
     assert len(searches) == 1  # the same search continued, not a new one
     after = {p.parent.name: p.read_text() for p in reported_trials(state)}
