@@ -121,7 +121,10 @@ def _search(spec, num_samples: int | None, resume: bool, persistent: bool):
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # "A new study created…"
-    total = num_samples or spec.search.num_samples
+    from training.tune import planned_trials
+
+    # A resumed search has trials done already: count what finishes now, without a total.
+    total = None if resume else planned_trials(spec, num_samples)
     with SearchProgress(console, spec.metric, spec.mode, total) as progress:
         return search_and_register(
             spec,

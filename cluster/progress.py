@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 class SearchProgress(Callback):
     """Counts finished trials and shows the best validation score so far."""
 
-    def __init__(self, console: Console, metric: str, mode: str, total: int):
+    def __init__(self, console: Console, metric: str, mode: str, total: int | None):
         self.metric, self.mode, self.best = metric, mode, None
         self.progress = Progress(
             TextColumn("[bold]search[/]"),

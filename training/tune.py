@@ -73,6 +73,19 @@ def param_space(spec: Spec) -> dict[str, Any]:
     return space
 
 
+def planned_trials(spec: Spec, num_samples: int | None = None) -> int:
+    """How many trials the search runs: grid search runs every combination per sample."""
+    samples = num_samples or spec.search.num_samples
+    if spec.search.algorithm != "grid":
+        return samples
+    combinations = len(spec.models)
+    for model in spec.models:
+        for value in model.space.values():
+            if isinstance(value, Choice):
+                combinations *= len(value.choice)
+    return samples * combinations
+
+
 def _searcher(spec: Spec):
     from ray.tune.search import ConcurrencyLimiter
 

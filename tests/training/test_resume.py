@@ -42,7 +42,11 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, churn_csv):
     raw = churn_spec(churn_csv)
     raw["models"][0]["space"] = {"C": 1.0}  # grid: constants and choices only
     raw["models"].append(
-        {"type": "sklearn", "estimator": "sklearn.svm.SVC", "space": {"probability": True}}
+        {
+            "type": "sklearn",
+            "estimator": "sklearn.ensemble.RandomForestClassifier",
+            "space": {"n_estimators": 100},
+        }
     )
     raw["search"] = {
         "algorithm": "grid",
@@ -71,7 +75,7 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, churn_csv):
     second = rayship("tune", str(spec), "--resume", cwd=tmp_path)
     out, _ = second.communicate(timeout=300)
     assert second.returncode == 0, out
-    assert f"search: {TRIALS} trials (0 errored) on 1 node(s)" in out
+    assert f"search: {TRIALS} trials (0 errored)" in out
     searches = list(state.glob("searches/churn-*"))
     assert len(searches) == 1  # the same search continued, not a new one
     after = {p.parent.name: p.read_text() for p in reported_trials(state)}

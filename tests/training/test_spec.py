@@ -125,3 +125,15 @@ def test_yaml_that_is_not_a_mapping_is_refused(tmp_path):
     path.write_text("- just\n- a list\n")
     with pytest.raises(SpecError, match="expected a mapping"):
         load_spec(path)
+
+
+def test_a_grid_search_plans_every_combination_per_sample():
+    from training.tune import planned_trials
+
+    raw = churn_spec("d.csv", search={"algorithm": "grid", "num_samples": 2})
+    raw["models"][0]["space"] = {"C": {"choice": [0.1, 1.0, 10.0]}}
+    raw["models"].append({"type": "torch_mlp", "space": {"batch_size": {"choice": [32, 64]}}})
+    assert planned_trials(parse_spec(raw)) == 2 * 2 * 3 * 2  # samples × families × choices
+    raw["search"] = {"algorithm": "random", "num_samples": 5}
+    raw["models"][0]["space"] = {"C": {"loguniform": [0.1, 10.0]}}
+    assert planned_trials(parse_spec(raw), num_samples=7) == 7
