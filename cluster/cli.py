@@ -194,7 +194,7 @@ def run(
     outcome = _search(spec, num_samples, resume=False, persistent=True)
     _print_outcome(outcome)
     uri = _tracking_uri()
-    if outcome.passed:
+    if outcome.passed and _beats_production(outcome):
         registry.set_alias(uri, spec.name, registry.PRODUCTION, outcome.version)
         console.print(f"promoted {spec.name} version {outcome.version} to production")
     elif outcome.production_version is None:
@@ -219,16 +219,33 @@ def run(
     )
 
 
+def _beats_production(outcome) -> bool:
+    """Promote the first version, or one better than production on the same holdout
+    (the gate may pass a model without comparing: must_beat_production false)."""
+    from training.evaluate import better
+
+    if outcome.production_version is None:
+        return True
+    if outcome.production_holdout is None:
+        return False  # not comparable (other features or classes): promote by hand
+    return better(outcome.metric, outcome.holdout, outcome.production_holdout)
+
+
 def _sample_request(spec) -> dict:
     """One holdout row as a V1 request body (missing values as null)."""
-    from training.data import load_splits
+    from training.data import MISSING_CATEGORY, load_splits
 
     row = load_splits(spec.data, spec.task).X_test.iloc[0].to_dict()
-    clean = {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in row.items()}
-    # str() of a float32 is its shortest repr (13.82, not 13.819999694824219)
-    return {
-        "instances": [{k: (float(str(v)) if hasattr(v, "dtype") else v) for k, v in clean.items()}]
-    }
+    return {"instances": [{k: _json_value(v, MISSING_CATEGORY) for k, v in row.items()}]}
+
+
+def _json_value(value, missing_category: str):
+    """A cell as JSON: null for missing; a float32 as its shortest repr (13.82, not
+    13.819999694824219)."""
+    if isinstance(value, str):
+        return None if value == missing_category else value
+    number = float(str(value))
+    return None if math.isnan(number) else number
 
 
 @models_app.command("list")
@@ -284,20 +301,32 @@ def serve(
     ],
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the endpoint")] = 8000,
 ) -> None:
-    """Serve registered models on the local Ray cluster (started if none runs)."""
+    """Serve registered models on the local Ray cluster (started if none runs), with the
+    serve section (route, replicas, batching) of the spec each version was searched with."""
     from services.deploy import serve_model
+    from training import registry
 
     refs = [_parse_ref(m) for m in models]
     if len(refs) > 1:
         _fail("one model per endpoint for now; serve the others on another --port")
     name, ref = refs[0]
     uri = _tracking_uri()
-    from training.registry import resolve_version
-
-    resolve_version(uri, name, ref)  # an unknown model fails before Ray starts
+    serve_spec = _serve_section(registry.load_artifact(uri, name, ref))  # fails before Ray
     _connect(persistent=True)
-    url = serve_model(name, ref, tracking_uri=uri, port=port)
-    console.print(f"serving {name}@{ref} at [bold]{url}/v1/models/{name}:predict[/]")
+    url = serve_model(name, ref, tracking_uri=uri, serve_spec=serve_spec, port=port)
+    route = serve_spec.route or name if serve_spec else name
+    console.print(f"serving {name}@{ref} at [bold]{url}/v1/models/{route}:predict[/]")
+
+
+def _serve_section(artifact):
+    """The serve section of the spec stored with a version (None if it has none)."""
+    import yaml
+
+    from training.spec import parse_spec
+
+    if not artifact.spec_yaml:
+        return None
+    return parse_spec(yaml.safe_load(artifact.spec_yaml)).serve
 
 
 @app.command()

@@ -134,14 +134,17 @@ def parse_v1(body: bytes) -> tuple[Any, bool]:
 class ModelServer:
     """Serves one registered model; see the module docstring for the routes."""
 
-    def __init__(self, name: str, ref: str, tracking_uri: str):
-        self.name = name
+    def __init__(self, name: str, ref: str, tracking_uri: str, route: str | None = None):
+        self.name = name  # the registered model
+        self.route = route or name  # the name clients use: /v1/models/{route}
         self.tracking_uri = tracking_uri
         self.predictor = self._load(ref)
 
     def _load(self, ref: str) -> OnnxPredictor:
         artifact = registry.load_artifact(self.tracking_uri, self.name, str(ref))
-        predictor = OnnxPredictor(artifact.onnx_bytes, artifact.schema, self.name, artifact.version)
+        predictor = OnnxPredictor(
+            artifact.onnx_bytes, artifact.schema, self.route, artifact.version
+        )
         logger.info("loaded %s version %s (ref %s)", self.name, artifact.version, ref)
         return predictor
 
@@ -166,12 +169,12 @@ class ModelServer:
                 self.predictor = self._load(version)
 
     def _check_name(self, name: str) -> None:
-        if name != self.name:
-            raise UnknownModel(name, self.name)
+        if name != self.route:
+            raise UnknownModel(name, self.route)
 
     @app.get("/v1/models")
     async def list_models(self) -> dict[str, Any]:
-        return {"models": [self.name]}
+        return {"models": [self.route]}
 
     @app.get("/v1/models/{name}")
     async def model_metadata(self, name: str) -> dict[str, Any]:
@@ -242,7 +245,8 @@ def build_app(
     *,
     user_config: dict[str, Any] | None = None,
 ) -> Application:
-    """The application serving ``name`` at ``ref`` (a version number or an alias).
+    """The application serving ``name`` at ``ref`` (a version number or an alias), known
+    to clients as the spec's ``serve.route`` (default: the model name).
 
     ``user_config`` entries are merged over the batching settings from the spec, and
     a ``"ref"`` there wins over ``ref`` (Serve calls ``reconfigure`` after the
@@ -252,4 +256,5 @@ def build_app(
     """
     options = deployment_options(serve_spec or ServeSpec())
     options["user_config"] = {**options["user_config"], **(user_config or {})}
-    return ModelServer.options(**options).bind(name, str(ref), tracking_uri)
+    route = serve_spec.route if serve_spec is not None else None
+    return ModelServer.options(**options).bind(name, str(ref), tracking_uri, route)

@@ -56,7 +56,8 @@ def serve_model(
     application and waits until ``GET /v1/models/{name}`` answers. Ray is expected to
     be initialised by the caller; if it is not, ``ray.init()`` connects to or starts
     one. ``blocking=True`` then waits until interrupted (Ctrl-C) and deletes the app.
-    The returned URL is the base for the V1 paths (``{url}/v1/models/{name}:predict``).
+    The returned URL is the base for the V1 paths (``{url}/v1/models/{route}:predict``,
+    the route being ``serve_spec.route`` or the model name).
     """
     import ray
     from ray import serve
@@ -73,7 +74,7 @@ def serve_model(
     except Exception as exc:  # Serve reports DEPLOY_FAILED as RuntimeError with the replica's error
         raise DeployError(f"{name}@{ref} failed to deploy: {exc}") from exc
     url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{prefix.rstrip('/')}"
-    wait_ready(url, name, timeout=ready_timeout_s)
+    wait_ready(url, (serve_spec and serve_spec.route) or name, timeout=ready_timeout_s)
     if blocking:
         try:
             while True:

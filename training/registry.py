@@ -33,6 +33,7 @@ class ModelArtifact:
     schema: dict[str, Any]
     metrics: dict[str, Any]
     profile: dict[str, Any]
+    spec_yaml: str = ""  # the spec the version was searched with (its serve section too)
 
 
 def tracking_uri(state_dir: Path = Path(".rayship")) -> str:
@@ -166,6 +167,7 @@ def load_artifact(uri: str, name: str, ref: str = PRODUCTION) -> ModelArtifact:
             schema=read("schema.json"),
             metrics=read("metrics.json"),
             profile=read("profile.json"),
+            spec_yaml=(local / "spec.yaml").read_text() if (local / "spec.yaml").exists() else "",
         )
 
 

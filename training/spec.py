@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -19,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 SKLEARN_DATASETS = ("digits", "breast_cancer", "wine", "diabetes", "iris")
 CLASSIFICATION_METRICS = ("accuracy", "f1_macro", "roc_auc", "log_loss")
 REGRESSION_METRICS = ("rmse", "mae", "r2")
+PBT_MUTABLE = ("lr", "dropout", "weight_decay")
 TORCH_MLP_PARAMS = ("hidden_layers", "lr", "dropout", "batch_size", "epochs", "weight_decay")
 
 
@@ -131,7 +133,10 @@ class SklearnSpec(_Strict):
 
     @model_validator(mode="after")
     def _known_params(self) -> SklearnSpec:
-        allowed = set(resolve_estimator(self.estimator)().get_params())
+        try:
+            allowed = set(instantiate(self.estimator).get_params())
+        except ValueError as exc:
+            raise ValueError(f"estimator: {exc}") from None
         unknown = sorted(set(self.space) - allowed)
         if unknown:
             raise ValueError(
@@ -192,11 +197,21 @@ class Spec(_Strict):
         allowed = CLASSIFICATION_METRICS if self.task == "classification" else REGRESSION_METRICS
         if self.metric not in allowed:
             raise ValueError(f"metric: {self.task} allows {', '.join(allowed)}")
-        if self.search.scheduler == "pbt" and any(m.type != "torch_mlp" for m in self.models):
-            raise ValueError("search.scheduler: pbt needs every model to be torch_mlp")
+        if self.search.scheduler == "pbt":
+            if any(m.type != "torch_mlp" for m in self.models):
+                raise ValueError("search.scheduler: pbt needs every model to be torch_mlp")
+            if not any(
+                isinstance(m.space.get(k), Choice | Uniform | LogUniform | RandInt)
+                for m in self.models
+                for k in PBT_MUTABLE
+            ):
+                raise ValueError(
+                    "search.scheduler: pbt mutates lr, dropout or weight_decay; give at least "
+                    "one of them a distribution in a torch_mlp space"
+                )
         for i, model in enumerate(self.models):
             if model.type == "sklearn":
-                _check_estimator_task(model.estimator, self.task, f"models.{i}.estimator")
+                _check_estimator_task(model, self.task, f"models.{i}.estimator")
             if self.search.algorithm == "grid":
                 for key, value in model.space.items():
                     if isinstance(value, Uniform | LogUniform | RandInt):
@@ -237,41 +252,109 @@ def resolve_estimator(path: str) -> type:
     return cls
 
 
-def _check_estimator_task(path: str, task: str, where: str) -> None:
+def instantiate(path: str, params: dict[str, Any] | None = None):
+    """An estimator of the class at ``path`` with ``params``; a class that cannot be built
+    from parameters alone (a meta-estimator needing estimators) is refused."""
+    try:
+        return resolve_estimator(path)(**(params or {}))
+    except TypeError as exc:
+        raise ValueError(
+            f"{path} cannot be built from parameters alone ({exc}); "
+            "meta-estimators such as pipelines and ensembles of estimators are not supported"
+        ) from None
+
+
+def _check_estimator_task(model: SklearnSpec, task: str, where: str) -> None:
+    """The estimator must be the task's kind; a classifier must give probabilities
+    (the artifact's contract) with the space's constant parameters."""
     from sklearn.base import is_classifier, is_regressor
 
-    est = resolve_estimator(path)()
+    constants = {
+        k: v
+        for k, v in model.space.items()
+        if not isinstance(v, Choice | Uniform | LogUniform | RandInt)
+    }
+    est = instantiate(model.estimator, constants)
     ok = is_classifier(est) if task == "classification" else is_regressor(est)
     if not ok:
         kind = "classifier" if task == "classification" else "regressor"
-        raise ValueError(f"{where}: {path} is not a {kind}, which task {task} needs")
+        raise ValueError(f"{where}: {model.estimator} is not a {kind}, which task {task} needs")
+    if task == "classification" and not hasattr(est, "predict_proba"):
+        raise ValueError(
+            f"{where}: {model.estimator} gives no class probabilities (predict_proba) with "
+            "these parameters; choose a probabilistic classifier or set its option "
+            "(e.g. probability: true for SVC, loss: log_loss for SGDClassifier)"
+        )
 
 
 def _format_errors(exc: ValidationError) -> list[str]:
-    problems = []
+    """One line per bad key: its dotted path and what is allowed.
+
+    A space value is a union (a distribution or a constant), which pydantic reports
+    once per branch; the branch's own complaint (``loguniform bounds must be > 0``) is
+    kept when there is one, else one line says what a space value may be.
+    """
+    problems: dict[str, list[tuple[str, str]]] = {}
     for err in exc.errors():
-        # Drop pydantic's union-branch tags ("TorchMLPSpec", "function-after[...]") from paths.
         loc = [
             str(p)
             for i, p in enumerate(err["loc"])
-            if not (isinstance(p, str) and (p[:1].isupper() or "[" in p or p in SPACE_TAGS))
+            if not (isinstance(p, str) and (p in UNION_TAGS or "[" in p))
             and not (p in MODEL_TYPES and i > 0 and isinstance(err["loc"][i - 1], int))
         ]
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        path = ".".join(loc) or "spec"
-        problems.append(f"{path}: {msg}")
-    # A bad space value fails every union branch; keep one line per path.
-    seen: dict[str, str] = {}
-    for line in problems:
-        path = line.split(":", 1)[0]
-        seen.setdefault(path, line)
-    return list(seen.values())
+        if "space" in loc[:-1] and len(loc) > loc.index("space") + 1:
+            group = ".".join(loc[: loc.index("space") + 2])  # models.N.space.KEY
+        else:
+            group = ".".join(loc) or "spec"
+        problems.setdefault(group, []).append((".".join(loc) or "spec", msg, err["type"]))
+    lines = []
+    for group, errs in problems.items():
+        own = [
+            (path, msg)
+            for path, msg, kind in errs
+            if kind not in ("missing", "extra_forbidden") and not kind.endswith("_type")
+        ]
+        if ".space." not in f"{group}." or len(errs) == 1:
+            lines.append(_join(*errs[0][:2]))  # one line per key
+        elif own:
+            lines += [_join(path, msg) for path, msg in own]
+        else:
+            lines.append(f"{group}: {SPACE_VALUE_HELP}")
+    return list(dict.fromkeys(lines))
 
 
+def _join(path: str, msg: str) -> str:
+    """``spec`` + ``models.0.estimator: ...`` → ``models.0.estimator: ...``;
+    ``models.0`` + ``space: ...`` → ``models.0.space: ...`` (validators name their key)."""
+    head, sep, rest = msg.partition(": ")
+    if sep and re.fullmatch(r"[A-Za-z_][\w]*(\.[\w]+)*", head):
+        return f"{head}: {rest}" if path == "spec" else f"{path}.{head}: {rest}"
+    return f"{path}: {msg}"
+
+
+SPACE_VALUE_HELP = (
+    "expected a constant (number, string, bool, list) or one of {choice: [...]}, "
+    "{uniform: [low, high]}, {loguniform: [low, high]}, {randint: [low, high]}"
+)
+UNION_TAGS = {
+    "Choice",
+    "Uniform",
+    "LogUniform",
+    "RandInt",
+    "TorchMLPSpec",
+    "SklearnSpec",
+    "bool",
+    "int",
+    "float",
+    "str",
+    "list[any]",
+    "none",
+    "tagged-union",
+}
 MODEL_TYPES = {"torch_mlp", "sklearn"}  # discriminator tags pydantic puts after models.N
-SPACE_TAGS = {"bool", "int", "float", "str", "list[any]", "none", "tagged-union"}
 
 
 def parse_spec(raw: Any) -> Spec:

@@ -137,3 +137,45 @@ def test_a_grid_search_plans_every_combination_per_sample():
     raw["search"] = {"algorithm": "random", "num_samples": 5}
     raw["models"][0]["space"] = {"C": {"loguniform": [0.1, 10.0]}}
     assert planned_trials(parse_spec(raw), num_samples=7) == 7
+
+
+@pytest.mark.parametrize(
+    ("estimator", "space", "expected"),
+    [
+        ("sklearn.svm.SVC", {}, "no class probabilities"),
+        ("sklearn.linear_model.RidgeClassifier", {}, "no class probabilities"),
+        ("sklearn.ensemble.VotingClassifier", {}, "cannot be built from parameters alone"),
+    ],
+)
+def test_estimators_rayship_cannot_serve_are_refused(estimator, space, expected):
+    raw = churn_spec("d.csv")
+    raw["models"][0] = {"type": "sklearn", "estimator": estimator, "space": space}
+    message = refusal(raw)
+    assert "models.0.estimator" in message and expected in message
+
+
+def test_a_probabilistic_option_makes_a_classifier_acceptable():
+    raw = churn_spec("d.csv")
+    raw["models"][0] = {
+        "type": "sklearn",
+        "estimator": "sklearn.svm.SVC",
+        "space": {"probability": True},
+    }
+    assert parse_spec(raw).models[0].estimator == "sklearn.svm.SVC"
+
+
+def test_a_bad_distribution_gives_its_own_reason():
+    raw = churn_spec("d.csv")
+    raw["models"][0]["space"] = {"C": {"loguniform": [0, 1]}}
+    assert "models.0.space.C.loguniform: loguniform bounds must be > 0" in refusal(raw)
+    raw["models"][0]["space"] = {"C": {"logunif": [1, 2]}}
+    message = refusal(raw)
+    assert "models.0.space.C:" in message and "loguniform: [low, high]" in message
+
+
+def test_pbt_needs_a_parameter_to_mutate():
+    raw = churn_spec("d.csv", search={"scheduler": "pbt"})
+    raw["models"] = [{"type": "torch_mlp", "space": {"lr": 0.01}}]
+    assert "search.scheduler: pbt mutates" in refusal(raw)
+    raw["models"][0]["space"]["lr"] = {"loguniform": [1e-3, 1e-1]}
+    assert parse_spec(raw).search.scheduler == "pbt"
