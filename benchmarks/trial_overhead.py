@@ -22,7 +22,7 @@ import ray
 
 from training.pipeline import prepare
 from training.spec import parse_spec
-from training.train import TrialContext
+from training.train import TrialContext, family_params
 from training.tune import run_search
 
 
@@ -71,7 +71,7 @@ def first_reports(result) -> dict[int, float]:
     out = {}
     for trial in Path(result.experiment_path).glob("trial-*"):
         first = json.loads((trial / "result.json").read_text().splitlines()[0])
-        out[first["config"]["family"]] = round(first["time_total_s"], 2)
+        out[family_params(first["config"])[0]] = round(first["time_total_s"], 2)
     return out
 
 

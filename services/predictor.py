@@ -28,7 +28,8 @@ from typing import Any
 
 import numpy as np
 
-MISSING_CATEGORY = ""  # training.data.MISSING_CATEGORY (not imported: keeps replicas light)
+from training.data import category_text
+
 MAX_DETAILS = 20  # problems listed in one BadInput; the rest are counted
 _F32_MAX = float(np.finfo(np.float32).max)
 _ORT_DTYPES = {"tensor(float)": "float32", "tensor(int64)": "int64", "tensor(string)": "string"}
@@ -81,12 +82,10 @@ def _numeric(value: Any) -> float | None:
 
 def _categorical(value: Any) -> str | None:
     """The category string for a categorical cell ('' for missing), or None if bad."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return MISSING_CATEGORY
     if isinstance(value, str):
         return value
-    if isinstance(value, bool | int | float):
-        return str(value)  # as pandas' astype(str) types such a column in training
+    if value is None or isinstance(value, bool | int | float):
+        return category_text(value)  # exactly as training typed the column
     return None
 
 

@@ -126,14 +126,28 @@ def content_hash(frame: pd.DataFrame) -> str:
     return h.hexdigest()
 
 
+def category_text(value: Any) -> str:
+    """A categorical cell as its category string, the same in training and serving:
+    missing → '' (a category of its own), whole numbers without '.0' (a column of codes
+    with a gap is read as floats, a JSON client sends ints), anything else as str()."""
+    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
+        return MISSING_CATEGORY
+    if isinstance(value, bool | np.bool_):
+        return str(bool(value))
+    if isinstance(value, int | np.integer):
+        return str(int(value))
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
+
+
 def type_features(frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> pd.DataFrame:
     """Cast features to the serving dtypes: float32 numerics, string categoricals ('' = missing)."""
     out = {}
     for name in numeric:
         out[name] = pd.to_numeric(frame[name], errors="raise").astype("float32")
     for name in categorical:
-        col = frame[name]
-        out[name] = col.astype(object).where(col.notna(), MISSING_CATEGORY).astype(str)
+        out[name] = frame[name].astype(object).map(category_text).astype(str)
     return pd.DataFrame(out, index=frame.index)[list(frame.columns.intersection(out.keys()))]
 
 
@@ -228,6 +242,12 @@ def split(frame: pd.DataFrame, spec: DataSpec, task: str) -> Splits:
         raise DataError(
             f"data.test_fraction/valid_fraction: cannot split {len(X)} rows: {exc}"
         ) from None
+    empty = [c for c in schema.numeric if X_train[c].isna().all()]
+    if empty:
+        raise DataError(
+            f"data.features: column(s) {empty} have no value in the train split; "
+            "drop them (data.features) or supply data"
+        )
     features = [
         Feature(
             f.name,

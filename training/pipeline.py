@@ -206,7 +206,12 @@ def register_winner(spec: Spec, prep: Prepared, result: SearchResult, uri: str) 
     splits, schema = prep.splits, prep.splits.schema
     n_features = prep.arrays["X_train"].shape[1]
     winner, family, scaling = load_winner(result, spec, schema, n_features)
-    onnx_bytes = build_graph(prep.pre, winner, schema, n_features, scaling)
+    try:
+        onnx_bytes = build_graph(prep.pre, winner, schema, n_features, scaling)
+    except Exception as exc:  # skl2onnx has no converter, or cannot convert these params
+        raise export.ExportError(
+            f"the winner ({family}) cannot be exported to ONNX: {type(exc).__name__}: {exc}"
+        ) from exc
     native = native_predictor(winner, schema, scaling)
     native_pred, native_proba = export.native_outputs(
         prep.pre, native, spec.task, schema.classes, splits.X_test

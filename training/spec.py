@@ -200,6 +200,11 @@ class Spec(_Strict):
         if self.search.scheduler == "pbt":
             if any(m.type != "torch_mlp" for m in self.models):
                 raise ValueError("search.scheduler: pbt needs every model to be torch_mlp")
+            if self.search.algorithm == "grid":
+                raise ValueError(
+                    "search.scheduler: pbt explores by mutating parameters, a grid does not; "
+                    "use algorithm random, optuna or hyperopt"
+                )
             if not any(
                 isinstance(m.space.get(k), Choice | Uniform | LogUniform | RandInt)
                 for m in self.models
@@ -368,7 +373,11 @@ def parse_spec(raw: Any) -> Spec:
 
 
 def load_spec(path: str | Path) -> Spec:
-    """Read and validate a spec file; raises :class:`SpecError` naming each bad key."""
+    """Read and validate a spec file; raises :class:`SpecError` naming each bad key.
+
+    A relative ``data.source`` path is relative to the spec file's folder (as in
+    kustomize or compose files), so a spec runs from any working directory.
+    """
     try:
         text = Path(path).read_text()
     except OSError as exc:
@@ -377,8 +386,16 @@ def load_spec(path: str | Path) -> Spec:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise SpecError([f"spec: not valid YAML: {exc}"]) from None
+    if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
+        source = raw["data"].get("source")
+        if isinstance(source, str) and _is_relative_path(source):
+            raw["data"]["source"] = str((Path(path).parent / source).resolve())
     return parse_spec(raw)
 
 
 def spec_to_yaml(spec: Spec) -> str:
     return yaml.safe_dump(spec.model_dump(mode="json", exclude_none=False), sort_keys=False)
+
+
+def _is_relative_path(source: str) -> bool:
+    return not (source.startswith("sklearn:") or "://" in source or Path(source).is_absolute())

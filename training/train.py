@@ -38,8 +38,12 @@ class TrialContext:
     data_refs: dict[str, Any]  # X_train, y_train, X_valid, y_valid: ObjectRefs to arrays
 
 
+GRID_KEY = "trial"  # grid search: one grid_search over whole per-family configs
+
+
 def family_params(config: dict[str, Any]) -> tuple[int, dict[str, Any]]:
     """The family index of a trial config and that family's own parameters."""
+    config = config.get(GRID_KEY, config)
     family = int(config["family"])
     return family, dict(config.get(f"f{family}", {}))
 

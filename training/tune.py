@@ -10,8 +10,10 @@ restores the newest one with :meth:`ray.tune.Tuner.restore`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -20,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from training.models import TORCH_DEFAULTS
 from training.spec import Choice, LogUniform, RandInt, Spec, Uniform
-from training.train import TrialContext, run_trial
+from training.train import GRID_KEY, TrialContext, family_params, run_trial
 
 
 class SearchError(RuntimeError):
@@ -41,11 +44,11 @@ class SearchResult:
     trial_nodes: set[str]
 
 
-def _to_tune(value: Any, grid: bool):
+def _to_tune(value: Any):
     from ray import tune
 
     if isinstance(value, Choice):
-        return tune.grid_search(value.choice) if grid else tune.choice(value.choice)
+        return tune.choice(value.choice)
     if isinstance(value, Uniform):
         return tune.uniform(*value.uniform)
     if isinstance(value, LogUniform):
@@ -56,34 +59,39 @@ def _to_tune(value: Any, grid: bool):
 
 
 def param_space(spec: Spec) -> dict[str, Any]:
-    """The Tune search space for every family of the spec."""
+    """The Tune search space for every family of the spec.
+
+    ``family`` picks the model; ``f{i}`` holds family i's parameters. A grid search
+    is one ``grid_search`` over whole configs (every family with every combination
+    of its own choices), so it never crosses one family's choices with another's.
+    """
     from ray import tune
 
-    grid = spec.search.algorithm == "grid"
+    if spec.search.algorithm == "grid":
+        return {GRID_KEY: tune.grid_search(_grid_configs(spec))}
     families = list(range(len(spec.models)))
-    space: dict[str, Any] = {
-        "family": tune.grid_search(families)
-        if grid
-        else tune.choice(families)
-        if len(families) > 1
-        else 0
-    }
+    space: dict[str, Any] = {"family": tune.choice(families) if len(families) > 1 else 0}
     for i, model in enumerate(spec.models):
-        space[f"f{i}"] = {k: _to_tune(v, grid) for k, v in model.space.items()}
+        space[f"f{i}"] = {k: _to_tune(v) for k, v in model.space.items()}
     return space
 
 
+def _grid_configs(spec: Spec) -> list[dict[str, Any]]:
+    configs = []
+    for i, model in enumerate(spec.models):
+        keys = list(model.space)
+        values = [v.choice if isinstance(v, Choice) else [v] for v in model.space.values()]
+        for combo in itertools.product(*values):
+            configs.append({"family": i, f"f{i}": dict(zip(keys, combo, strict=True))})
+    return configs
+
+
 def planned_trials(spec: Spec, num_samples: int | None = None) -> int:
-    """How many trials the search runs: grid search runs every combination per sample."""
+    """How many trials the search runs: grid search runs every config per sample."""
     samples = num_samples or spec.search.num_samples
     if spec.search.algorithm != "grid":
         return samples
-    combinations = len(spec.models)
-    for model in spec.models:
-        for value in model.space.values():
-            if isinstance(value, Choice):
-                combinations *= len(value.choice)
-    return samples * combinations
+    return samples * len(_grid_configs(spec))
 
 
 def _searcher(spec: Spec):
@@ -107,10 +115,16 @@ def _searcher(spec: Spec):
 
 
 def _max_epochs(spec: Spec) -> int:
+    """The most epochs any trial can run: the schedulers' ``max_t`` (1 report a sklearn trial)."""
     epochs = [1]
     for m in spec.models:
-        value = m.space.get("epochs", 10) if m.type == "torch_mlp" else 1
-        values = value.choice if isinstance(value, Choice) else [value]
+        value = m.space.get("epochs", TORCH_DEFAULTS["epochs"]) if m.type == "torch_mlp" else 1
+        if isinstance(value, Choice):
+            values = value.choice
+        elif isinstance(value, Uniform | LogUniform | RandInt):
+            values = [max(getattr(value, value.__class__.__name__.lower()))]
+        else:
+            values = [value]
         epochs += [int(v) for v in values if isinstance(v, int | float)]
     return max(epochs)
 
@@ -121,11 +135,18 @@ def _scheduler(spec: Spec):
     max_t = _max_epochs(spec)
     name = spec.search.scheduler
     if name == "asha":
-        return schedulers.ASHAScheduler(max_t=max_t, grace_period=min(2, max_t), reduction_factor=3)
+        return schedulers.ASHAScheduler(
+            time_attr="training_iteration",
+            max_t=max_t,
+            grace_period=min(2, max_t),
+            reduction_factor=3,
+        )
     if name == "hyperband":
-        return schedulers.HyperBandScheduler(max_t=max_t)
+        return schedulers.HyperBandScheduler(time_attr="training_iteration", max_t=max_t)
     if name == "median":
-        return schedulers.MedianStoppingRule(grace_period=min(2, max_t), min_samples_required=3)
+        return schedulers.MedianStoppingRule(
+            time_attr="training_iteration", grace_period=min(2, max_t), min_samples_required=3
+        )
     if name == "pbt":
         # The spec refuses PBT unless every family is torch_mlp.
         mutations = {}
@@ -134,10 +155,12 @@ def _scheduler(spec: Spec):
                 if key in m.space and not isinstance(m.space[key], int | float):
                     mutations[f"f{i}"] = {
                         **mutations.get(f"f{i}", {}),
-                        key: _to_tune(m.space[key], False),
+                        key: _to_tune(m.space[key]),
                     }
         return schedulers.PopulationBasedTraining(
-            perturbation_interval=max(1, max_t // 4), hyperparam_mutations=mutations
+            time_attr="training_iteration",
+            perturbation_interval=max(1, max_t // 4),
+            hyperparam_mutations=mutations,
         )
     return schedulers.FIFOScheduler()
 
@@ -150,7 +173,7 @@ def trial_resources(spec: Spec) -> Callable[[dict[str, Any]], dict[str, float]]:
     cpus = spec.search.cpus_per_trial
 
     def resources(config: dict[str, Any]) -> dict[str, float]:
-        family = int(config.get("family", 0))
+        family, _ = family_params(config)
         return (
             {"CPU": 0, "memory": 64 * 1024**2}
             if models[family].type == "torch_mlp"
@@ -170,7 +193,11 @@ def default_concurrency(spec: Spec, cluster_cpus: float) -> int:
 
 
 def latest_search(state_dir: Path, name: str) -> Path | None:
-    runs = sorted((state_dir / "searches").glob(f"{name}-*"))
+    """The newest search folder of model ``name`` (``NAME-YYYYmmdd-HHMMSS``)."""
+    pattern = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}")
+    runs = sorted(
+        p for p in (state_dir / "searches").glob(f"{name}-*") if pattern.fullmatch(p.name)
+    )
     return runs[-1] if runs else None
 
 
@@ -240,7 +267,9 @@ def run_search(
         # Tune swaps in its own SIGINT handler for the run and, on Ctrl-C, stops the
         # run, saves its state, marks the running trials TERMINATED and puts the
         # previous handler back. That swap is the only trace an interruption leaves.
-        in_main = threading.current_thread() is threading.main_thread()
+        in_main = threading.current_thread() is threading.main_thread() and not int(
+            os.environ.get("TUNE_DISABLE_SIGINT_HANDLER", "0")
+        )
         interrupted = in_main and signal.getsignal(signal.SIGINT) is handler
         if in_main:
             signal.signal(signal.SIGINT, handler)

@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import GOOD, offline_outputs, rows_of
+from served import GOOD, offline_outputs, rows_of
 
 from services.predictor import BadInput, OnnxPredictor
 from training import export

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from conftest import GOOD, offline_outputs, rows_of
+from served import GOOD, offline_outputs, rows_of
 
 from services.deploy import PredictError, predict_http, serve_model
 from training import export, registry

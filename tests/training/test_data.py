@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import churn_spec, make_churn
+from specs import churn_spec, make_churn
 
 from training.data import MISSING_CATEGORY, DataError, load_frame, load_splits
 from training.pipeline import prepare
@@ -148,3 +148,28 @@ def test_a_missing_file_is_named(tmp_path):
     spec = spec_for(tmp_path / "nope.csv")
     with pytest.raises(DataError, match="data.source: no such file"):
         load_splits(spec.data, spec.task)
+
+
+def test_numeric_category_codes_are_typed_the_same_in_training_and_serving(tmp_path):
+    """Codes read as floats (a gap makes the column float) are '1', not '1.0', as a
+    JSON client's 1 is."""
+    from services.predictor import _categorical
+
+    frame = make_churn(300)
+    frame["plan"] = frame["plan"].map({"basic": 1, "plus": 2, "pro": 3})
+    frame.loc[::17, "plan"] = None  # now a float column with gaps
+    path = tmp_path / "codes.csv"
+    frame.to_csv(path, index=False)
+    s = load_splits(spec_for(path).data, "classification")
+    categories = s.schema.features[0].categories
+    assert categories == ["", "1", "2", "3"]
+    assert {_categorical(v) for v in (1, 1.0, 2, None)} == {"1", "2", ""}
+
+
+def test_a_numeric_column_empty_in_training_is_named(tmp_path):
+    frame = make_churn(200)
+    frame["tenure_months"] = None
+    path = tmp_path / "empty.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError, match=r"tenure_months.*no value in the train split"):
+        load_splits(spec_for(path).data, "classification")

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import churn_spec
+from specs import churn_spec
 
 from training import export
 from training.models import build_mlp, make_estimator

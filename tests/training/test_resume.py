@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import yaml
-from conftest import churn_spec
+from specs import churn_spec
 
 from training import registry
 

@@ -15,11 +15,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-from conftest import churn_spec
+from specs import churn_spec
 
 from training import export, registry
 from training.pipeline import search_and_register
 from training.spec import ServeSpec, parse_spec
+from training.train import family_params
 from training.tune import planned_trials
 
 LOGREG = "sklearn.linear_model.LogisticRegression"
@@ -93,7 +94,7 @@ def test_a_search_registers_its_winner_as_candidate(outcome, uri, spec):
     candidate = registry.resolve_version(uri, spec.name, registry.CANDIDATE)
     assert str(candidate.version) == "1"
     # The weak regression (C=1e-4 predicts one class) never wins.
-    assert outcome.search.best_config["family"] in (0, 2)
+    assert family_params(outcome.search.best_config)[0] in (0, 2)
     assert outcome.holdout >= 0.5
 
 
@@ -148,7 +149,7 @@ def test_every_trial_is_logged_to_mlflow_with_params_and_metrics(outcome, uri, s
 def test_the_torch_trial_reported_and_checkpointed_every_epoch(outcome):
     trial_dirs = Path(outcome.search.experiment_path).glob("trial-*")
     torch_trials = [
-        d for d in trial_dirs if json.loads((d / "params.json").read_text())["family"] == 2
+        d for d in trial_dirs if family_params(json.loads((d / "params.json").read_text()))[0] == 2
     ]
     assert len(torch_trials) == 1
     reports = [

@@ -1,0 +1,41 @@
+"""Request rows and offline reference outputs the serving tests share (a module of
+its own: two `conftest` modules cannot both be imported by name)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+GOOD = {
+    "plan": "basic",
+    "region": "north",
+    "tenure_months": 3.0,
+    "monthly_charges": 50.0,
+    "support_tickets": 1.0,
+}
+
+
+def rows_of(X: pd.DataFrame) -> list[dict]:
+    """Rows as a JSON client sends them: NaN and the missing category '' become null."""
+    return [
+        {
+            k: None if pd.isna(v) or v == "" else (v.item() if hasattr(v, "item") else v)
+            for k, v in r.items()
+        }
+        for r in X.to_dict(orient="records")
+    ]
+
+
+def offline_outputs(registered, row: dict):
+    """The registered graph's own answer for one JSON row (null → missing)."""
+    typed = {
+        k: ("" if v is None else v)
+        if k in registered.schema.categorical
+        else (np.nan if v is None else v)
+        for k, v in row.items()
+    }
+    frame = pd.DataFrame([typed])[registered.schema.names]
+    frame = frame.astype({c: "float32" for c in registered.schema.numeric})
+    from training import export
+
+    return export.run_onnx(registered.onnx_bytes, frame, registered.schema)
