@@ -51,7 +51,8 @@ def cluster():
 
     c = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": 1, "include_dashboard": False},
+        # The dashboard serves the state API Ray Train's placement-group cleaner uses.
+        head_node_args={"num_cpus": 1, "include_dashboard": True},
     )
     c.add_node(num_cpus=1)
     c.wait_for_nodes()
@@ -142,7 +143,8 @@ def test_every_trial_is_logged_to_mlflow_with_params_and_metrics(outcome, uri, s
     )
     assert len(runs) == 3
     for run in runs:
-        assert "family" in run.data.params
+        # grid configs are nested under "trial": trial/family, trial/f0/C, ...
+        assert any(key.endswith("family") for key in run.data.params)
         assert "f1_macro" in run.data.metrics
 
 
@@ -212,3 +214,35 @@ def test_http_predictions_equal_offline_predictions_of_the_registered_version(
     assert reply["model_version"] == outcome.version
     assert reply["predictions"] == offline_pred.tolist()
     np.testing.assert_allclose(reply["probabilities"], offline_proba, atol=1e-6)
+
+
+def test_asha_stops_a_poor_torch_trial_and_frees_its_cpus(cluster, churn_csv, state):
+    """Trials run one at a time: a good one, one that cannot learn (ASHA stops it at
+    its first rung), then another good one, which must get the stopped trial's CPU."""
+    raw = churn_spec(
+        churn_csv,
+        name="churn-asha",
+        models=[
+            {
+                "type": "torch_mlp",
+                "workers": 1,
+                "space": {"hidden_layers": [16], "epochs": 4, "lr": {"choice": [0.01, 1e-9, 0.02]}},
+            }
+        ],
+        search={
+            "algorithm": "grid",
+            "scheduler": "asha",
+            "num_samples": 1,
+            "max_concurrent_trials": 1,
+            "max_failures": 0,
+        },
+        gate={"min_metric": None},
+    )
+    result = search_and_register(parse_spec(raw), state_dir=state)
+    assert result.search.trials == 3 and result.search.errored == 0
+    epochs = {}
+    for trial in Path(result.search.experiment_path).glob("trial-*"):
+        lr = family_params(json.loads((trial / "params.json").read_text()))[1]["lr"]
+        epochs[lr] = len((trial / "result.json").read_text().splitlines())
+    assert epochs[0.01] == 4 and epochs[0.02] == 4  # ran to the end
+    assert epochs[1e-9] < 4  # stopped early by ASHA, at its first rung (epoch 2)
