@@ -236,7 +236,7 @@ def test_reconfigure_swaps_in_place_and_refuses_a_tampered_version(endpoint, reg
 
 
 def test_user_config_ref_wins_over_the_constructor_ref(endpoint, registered):
-    """Runs last. serve.run gives every deploy a new code version, so this redeploy starts a
+    """Runs next to last. serve.run gives every deploy a new code version, so this redeploy starts a
     new replica; it loads "production" and Serve's reconfigure(user_config) moves it on."""
     from ray import serve
 
@@ -254,3 +254,18 @@ def test_user_config_ref_wins_over_the_constructor_ref(endpoint, registered):
     assert out["model_version"] == registered.swap_version
     meta = httpx.get(f"{endpoint}/v1/models/{registered.name}", timeout=30).json()
     assert meta["version"] == registered.swap_version
+
+
+def test_the_spec_route_names_the_model_for_clients(endpoint, registered):
+    """Runs last: redeploys with serve.route set; clients use the route, not the name."""
+    serve_model(
+        registered.name,
+        "production",
+        tracking_uri=registered.uri,
+        serve_spec=SPEC.model_copy(update={"route": "churn-api"}),
+        port=int(endpoint.rsplit(":", 1)[1]),
+    )
+    out = predict_http(endpoint, "churn-api", [GOOD])
+    assert out["model_version"] == registered.good_version
+    assert httpx.get(f"{endpoint}/v1/models/churn-api", timeout=30).json()["name"] == "churn-api"
+    assert httpx.get(f"{endpoint}/v1/models/{registered.name}", timeout=30).status_code == 404
