@@ -142,10 +142,25 @@ def _scheduler(spec: Spec):
             reduction_factor=3,
         )
     if name == "hyperband":
-        return schedulers.HyperBandScheduler(time_attr="training_iteration", max_t=max_t)
+        # The asynchronous HyperBand of the ASHA paper: brackets of different grace
+        # periods. Ray's synchronous HyperBandScheduler pauses trials at each rung, and
+        # neither a one-report sklearn trial nor a nested Train run resumes from a pause.
+        return schedulers.AsyncHyperBandScheduler(
+            time_attr="training_iteration",
+            max_t=max_t,
+            grace_period=1,
+            reduction_factor=3,
+            brackets=3,
+        )
     if name == "median":
+        # min_time_slice beyond max_t: never pause a trial to "yield time" while too few
+        # trials have reported (a paused function trial restarts from its start; a sklearn
+        # trial would be paused and rerun forever).
         return schedulers.MedianStoppingRule(
-            time_attr="training_iteration", grace_period=min(2, max_t), min_samples_required=3
+            time_attr="training_iteration",
+            grace_period=min(2, max_t),
+            min_samples_required=3,
+            min_time_slice=max_t + 1,
         )
     if name == "pbt":
         # The spec refuses PBT unless every family is torch_mlp.

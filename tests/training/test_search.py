@@ -52,7 +52,7 @@ def cluster():
     c = Cluster(
         initialize_head=True,
         # The dashboard serves the state API Ray Train's placement-group cleaner uses.
-        head_node_args={"num_cpus": 1, "include_dashboard": True},
+        head_node_args={"num_cpus": 1, "include_dashboard": True, "dashboard_port": free_port()},
     )
     c.add_node(num_cpus=1)
     c.wait_for_nodes()
@@ -246,3 +246,45 @@ def test_asha_stops_a_poor_torch_trial_and_frees_its_cpus(cluster, churn_csv, st
         epochs[lr] = len((trial / "result.json").read_text().splitlines())
     assert epochs[0.01] == 4 and epochs[0.02] == 4  # ran to the end
     assert epochs[1e-9] < 4  # stopped early by ASHA, at its first rung (epoch 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "task", "source", "metric", "estimator", "algorithm", "scheduler"),
+    [
+        ("churn-hyperopt", "classification", None, "roc_auc", LOGREG, "hyperopt", "hyperband"),
+        (
+            "diabetes",
+            "regression",
+            "sklearn:diabetes",
+            "rmse",
+            "sklearn.linear_model.Ridge",
+            "random",
+            "median",
+        ),
+    ],
+)
+def test_other_searchers_schedulers_and_regression_register_a_version(
+    cluster, churn_csv, state, uri, name, task, source, metric, estimator, algorithm, scheduler
+):
+    space = (
+        {"C": {"loguniform": [0.01, 10.0]}}
+        if task == "classification"
+        else {"alpha": {"loguniform": [0.01, 10.0]}}
+    )
+    raw = churn_spec(
+        source or churn_csv,
+        name=name,
+        task=task,
+        metric=metric,
+        models=[{"type": "sklearn", "estimator": estimator, "space": space}],
+        search={"algorithm": algorithm, "scheduler": scheduler, "num_samples": 3},
+        gate={"min_metric": None},
+    )
+    if source:
+        raw["data"] = {"source": source, "target": "target"}
+    result = search_and_register(parse_spec(raw), state_dir=state)
+    assert result.passed and result.version == "1"
+    assert result.search.trials == 3 and result.search.errored == 0
+    assert result.parity.ok
+    artifact = registry.load_artifact(uri, name, "candidate")
+    assert artifact.metrics[f"holdout_{metric}"] == pytest.approx(result.holdout)
