@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from training.data import category_text
+from training.categories import category_text
 
 MAX_DETAILS = 20  # problems listed in one BadInput; the rest are counted
 _F32_MAX = float(np.finfo(np.float32).max)

@@ -17,9 +17,8 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from training.categories import MISSING_CATEGORY, category_text
 from training.spec import DataSpec
-
-MISSING_CATEGORY = ""
 
 
 class DataError(ValueError):
@@ -124,21 +123,6 @@ def content_hash(frame: pd.DataFrame) -> str:
     h.update(repr([(c, str(t)) for c, t in frame.dtypes.items()]).encode())
     h.update(pd.util.hash_pandas_object(frame, index=False).to_numpy().tobytes())
     return h.hexdigest()
-
-
-def category_text(value: Any) -> str:
-    """A categorical cell as its category string, the same in training and serving:
-    missing → '' (a category of its own), whole numbers without '.0' (a column of codes
-    with a gap is read as floats, a JSON client sends ints), anything else as str()."""
-    if value is None or (isinstance(value, float | np.floating) and np.isnan(value)):
-        return MISSING_CATEGORY
-    if isinstance(value, bool | np.bool_):
-        return str(bool(value))
-    if isinstance(value, int | np.integer):
-        return str(int(value))
-    if isinstance(value, float | np.floating) and float(value).is_integer():
-        return str(int(value))
-    return str(value)
 
 
 def type_features(frame: pd.DataFrame, numeric: list[str], categorical: list[str]) -> pd.DataFrame:
