@@ -43,6 +43,10 @@ class Choice(_Strict):
 class Uniform(_Strict):
     uniform: tuple[float, float]
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.uniform
+
 
 class LogUniform(_Strict):
     loguniform: tuple[float, float]
@@ -54,22 +58,31 @@ class LogUniform(_Strict):
             raise ValueError("loguniform bounds must be > 0")
         return v
 
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.loguniform
+
 
 class RandInt(_Strict):
     randint: tuple[int, int]
 
+    @property
+    def bounds(self) -> tuple[int, int]:
+        return self.randint
 
-Distribution = Choice | Uniform | LogUniform | RandInt
+
+Range = Uniform | LogUniform | RandInt  # the distributions with (low, high) bounds
+Distribution = Choice | Range
 # A space value is a distribution or a constant (a number, string, bool or list).
 SpaceValue = Distribution | bool | int | float | str | list[Any] | None
 
 
 def _check_bounds(space: dict[str, SpaceValue]) -> dict[str, SpaceValue]:
     for key, value in space.items():
-        bounds = getattr(value, "uniform", None) or getattr(value, "loguniform", None)
-        bounds = bounds or getattr(value, "randint", None)
-        if bounds is not None and not bounds[0] < bounds[1]:
-            raise ValueError(f"{key}: lower bound must be below upper bound, got {list(bounds)}")
+        if isinstance(value, Range) and not value.bounds[0] < value.bounds[1]:
+            raise ValueError(
+                f"{key}: lower bound must be below upper bound, got {list(value.bounds)}"
+            )
     return space
 
 
@@ -206,9 +219,7 @@ class Spec(_Strict):
                     "use algorithm random, optuna or hyperopt"
                 )
             if not any(
-                isinstance(m.space.get(k), Choice | Uniform | LogUniform | RandInt)
-                for m in self.models
-                for k in PBT_MUTABLE
+                isinstance(m.space.get(k), Distribution) for m in self.models for k in PBT_MUTABLE
             ):
                 raise ValueError(
                     "search.scheduler: pbt mutates lr, dropout or weight_decay; give at least "
@@ -219,7 +230,7 @@ class Spec(_Strict):
                 _check_estimator_task(model, self.task, f"models.{i}.estimator")
             if self.search.algorithm == "grid":
                 for key, value in model.space.items():
-                    if isinstance(value, Uniform | LogUniform | RandInt):
+                    if isinstance(value, Range):
                         raise ValueError(
                             f"models.{i}.space.{key}: search.algorithm grid takes only "
                             "{choice: [...]} or constant values"
@@ -274,11 +285,7 @@ def _check_estimator_task(model: SklearnSpec, task: str, where: str) -> None:
     (the artifact's contract) with the space's constant parameters."""
     from sklearn.base import is_classifier, is_regressor
 
-    constants = {
-        k: v
-        for k, v in model.space.items()
-        if not isinstance(v, Choice | Uniform | LogUniform | RandInt)
-    }
+    constants = {k: v for k, v in model.space.items() if not isinstance(v, Distribution)}
     est = instantiate(model.estimator, constants)
     ok = is_classifier(est) if task == "classification" else is_regressor(est)
     if not ok:

@@ -23,7 +23,16 @@ from pathlib import Path
 from typing import Any
 
 from training.models import TORCH_DEFAULTS
-from training.spec import Choice, LogUniform, RandInt, Spec, Uniform
+from training.spec import (
+    PBT_MUTABLE,
+    Choice,
+    Distribution,
+    LogUniform,
+    RandInt,
+    Range,
+    Spec,
+    Uniform,
+)
 from training.train import GRID_KEY, TrialContext, family_params, run_trial
 
 
@@ -121,8 +130,8 @@ def _max_epochs(spec: Spec) -> int:
         value = m.space.get("epochs", TORCH_DEFAULTS["epochs"]) if m.type == "torch_mlp" else 1
         if isinstance(value, Choice):
             values = value.choice
-        elif isinstance(value, Uniform | LogUniform | RandInt):
-            values = [max(getattr(value, value.__class__.__name__.lower()))]
+        elif isinstance(value, Range):
+            values = [value.bounds[1]]
         else:
             values = [value]
         epochs += [int(v) for v in values if isinstance(v, int | float)]
@@ -166,8 +175,8 @@ def _scheduler(spec: Spec):
         # The spec refuses PBT unless every family is torch_mlp.
         mutations = {}
         for i, m in enumerate(spec.models):
-            for key in ("lr", "dropout", "weight_decay"):
-                if key in m.space and not isinstance(m.space[key], int | float):
+            for key in PBT_MUTABLE:
+                if isinstance(m.space.get(key), Distribution):
                     mutations[f"f{i}"] = {
                         **mutations.get(f"f{i}", {}),
                         key: _to_tune(m.space[key]),
