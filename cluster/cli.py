@@ -8,7 +8,6 @@ lives under ``./.rayship`` of the working directory.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Annotated
 
@@ -206,7 +205,7 @@ def run(
     url = serve_model(
         spec.name, registry.PRODUCTION, tracking_uri=uri, serve_spec=spec.serve, port=port
     )
-    sample = _sample_request(spec)
+    sample = _sample_request(outcome)
     reply = predict_http(url, spec.route, sample["instances"])
     console.print(f"sample prediction: {json.dumps(reply)}")
     sample_path = STATE / f"{spec.name}-sample.json"
@@ -231,21 +230,13 @@ def _beats_production(outcome) -> bool:
     return better(outcome.metric, outcome.holdout, outcome.production_holdout)
 
 
-def _sample_request(spec) -> dict:
-    """One holdout row as a V1 request body (missing values as null)."""
-    from training.data import MISSING_CATEGORY, load_splits
+def _sample_request(outcome) -> dict:
+    """The first holdout row as a V1 request body."""
+    from services.deploy import as_instances
 
-    row = load_splits(spec.data, spec.task).X_test.iloc[0].to_dict()
-    return {"instances": [{k: _json_value(v, MISSING_CATEGORY) for k, v in row.items()}]}
-
-
-def _json_value(value, missing_category: str):
-    """A cell as JSON: null for missing; a float32 as its shortest repr (13.82, not
-    13.819999694824219)."""
-    if isinstance(value, str):
-        return None if value == missing_category else value
-    number = float(str(value))
-    return None if math.isnan(number) else number
+    X = outcome.splits.X_test
+    row = {c: X[c].to_numpy()[0] for c in X.columns}  # float32 scalars, which print short
+    return {"instances": as_instances([row])}
 
 
 @models_app.command("list")

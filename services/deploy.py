@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 import httpx
+import numpy as np
 
 from training.spec import ServeSpec
 
@@ -117,14 +118,27 @@ def wait_ready(url: str, name: str, timeout: float = READY_TIMEOUT_S) -> dict[st
 
 
 def _jsonable(value: Any) -> Any:
-    """A row value JSON can carry: numpy scalars unwrapped, NaN/inf (pandas' missing) as null."""
+    """A row value JSON can carry: numpy scalars unwrapped (a float32 as its shortest
+    repr, 13.82 rather than 13.819999694824219), NaN/inf (pandas' missing) as null."""
     if type(value).__name__ in ("NAType", "NaTType"):  # pandas.NA / NaT, without importing pandas
         return None
-    if hasattr(value, "item") and not isinstance(value, list | dict | str):
+    if isinstance(value, np.floating):
+        value = float(str(value))
+    elif hasattr(value, "item") and not isinstance(value, list | dict | str):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
         return None
     return value
+
+
+def as_instances(rows: list[dict[str, Any]] | list[list[Any]]) -> list:
+    """Rows (objects or lists, as pandas gives them) as V1 ``instances`` JSON can carry."""
+    return [
+        {k: _jsonable(v) for k, v in row.items()}
+        if isinstance(row, dict)
+        else [_jsonable(v) for v in row]
+        for row in rows
+    ]
 
 
 def predict_http(
@@ -140,13 +154,7 @@ def predict_http(
     scalars (as pandas gives them) are converted. A non-2xx answer or an unreachable
     server raises :class:`PredictError` carrying the server's error message and details.
     """
-    instances = [
-        {k: _jsonable(v) for k, v in row.items()}
-        if isinstance(row, dict)
-        else [_jsonable(v) for v in row]
-        for row in rows
-    ]
-    body: dict[str, Any] = {"instances": instances}
+    body: dict[str, Any] = {"instances": as_instances(rows)}
     if return_probabilities:
         body["return_probabilities"] = True
     endpoint = f"{url.rstrip('/')}/v1/models/{name}:predict"

@@ -42,6 +42,7 @@ class Outcome:
     version: str | None = None
     production_version: str | None = None
     production_holdout: float | None = None
+    splits: Splits | None = None  # the data the search and the gate saw
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -289,6 +290,7 @@ def register_winner(spec: Spec, prep: Prepared, result: SearchResult, uri: str) 
         run_id=run_id,
         production_version=prod_version,
         production_holdout=prod_score,
+        splits=splits,
     )
     if outcome.passed:
         outcome.version = registry.register_version(
