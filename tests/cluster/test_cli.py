@@ -3,7 +3,6 @@ or Serve starts and without leaving state behind. Runs the real Typer app in-pro
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import pytest
@@ -102,12 +101,10 @@ def test_a_bad_model_reference_is_named():
     assert code == 1 and "must be a number" in out
 
 
-def test_predict_against_no_server_names_the_url(workdir):
+def test_predict_against_no_server_names_the_url(workdir, free_port):
     rows = workdir / "rows.csv"
     rows.write_text("a,b\n1,2\n")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # closed once the block ends: nothing listens
+    port = free_port()  # nothing listens on it
     code, out = invoke(
         "predict", "digits", "--input", str(rows), "--url", f"http://127.0.0.1:{port}"
     )

@@ -11,7 +11,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,12 +34,6 @@ def rayship(*args: str, cwd: Path, timeout: float = 300) -> subprocess.Completed
     )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("cli")
@@ -49,7 +42,7 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def run(workdir):
+def run(workdir, free_port):
     port = free_port()
     spec = ROOT / "examples" / "breast_cancer.yaml"
     done = rayship("run", str(spec), "--port", str(port), "--num-samples", "3", cwd=workdir)

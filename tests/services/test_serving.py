@@ -7,7 +7,6 @@ test redeploys it and runs last.
 from __future__ import annotations
 
 import json
-import socket
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -28,14 +27,8 @@ SPEC = ServeSpec(
 )
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def endpoint(registered):
+def endpoint(registered, free_port):
     import ray
     from ray import serve
 

@@ -9,7 +9,6 @@ logistic regression and a one-worker torch MLP (Ray Train) for three epochs.
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import mlflow
@@ -44,7 +43,7 @@ def search_spec(source, models=MODELS, min_metric=0.5):
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(free_port):
     """A head and a worker node of one CPU each: two concurrent trials need both nodes."""
     import ray
     from ray.cluster_utils import Cluster
@@ -186,14 +185,8 @@ def test_the_gate_refuses_a_model_worse_than_production(cluster, churn_csv, stat
     assert str(registry.resolve_version(uri, "churn", registry.PRODUCTION).version) == "1"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_http_predictions_equal_offline_predictions_of_the_registered_version(
-    cluster, outcome, uri, spec, churn_csv
+    cluster, outcome, uri, spec, churn_csv, free_port
 ):
     from services.deploy import predict_http, serve_model
     from training.data import load_splits
@@ -202,11 +195,10 @@ def test_http_predictions_equal_offline_predictions_of_the_registered_version(
     url = serve_model(
         spec.name, outcome.version, tracking_uri=uri, serve_spec=serve_spec, port=free_port()
     )
-    X = load_splits(spec.data, spec.task).X_test
+    splits = load_splits(spec.data, spec.task)
+    X = splits.X_test
     artifact = registry.load_artifact(uri, spec.name, outcome.version)
-    offline_pred, offline_proba = export.run_onnx(
-        artifact.onnx_bytes, X, load_splits(spec.data, spec.task).schema
-    )
+    offline_pred, offline_proba = export.run_onnx(artifact.onnx_bytes, X, splits.schema)
     rows = [
         {k: (None if v == "" else v) for k, v in row.items()} for row in X.to_dict(orient="records")
     ]
