@@ -178,7 +178,7 @@ class GateSpec(_Strict):
 
 
 class ServeSpec(_Strict):
-    route: str | None = None
+    route: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(4, ge=1)
     target_ongoing_requests: float = Field(8, gt=0)
@@ -186,6 +186,7 @@ class ServeSpec(_Strict):
     max_batch_size: int = Field(64, ge=1)
     batch_wait_timeout_s: float = Field(0.005, ge=0)
     cpus_per_replica: float = Field(1, gt=0)
+    max_request_bytes: int = Field(16 * 1024 * 1024, ge=1024)  # larger bodies get 413
 
     @model_validator(mode="after")
     def _replicas(self) -> ServeSpec:
