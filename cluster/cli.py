@@ -262,11 +262,67 @@ def models_promote(
     name: Annotated[str, typer.Argument(help="registered model name")],
     version: Annotated[int, typer.Argument(min=1, help="version number to move `production` to")],
 ) -> None:
-    """Move the `production` alias to VERSION."""
+    """Move the `production` alias to VERSION; a local endpoint serving NAME switches to it
+    in place (no restart, no failed request), and a canary of NAME ends."""
     from training import registry
 
-    registry.set_alias(_tracking_uri(), name, registry.PRODUCTION, str(version))
+    uri = _tracking_uri()
+    registry.load_artifact(uri, name, str(version))  # exists and passes its checksum
+    registry.set_alias(uri, name, registry.PRODUCTION, str(version))
     console.print(f"{name}: production → version {version}")
+    _update_live(name, ref=str(version), canary=None)
+
+
+@models_app.command("abort-canary")
+@_guard
+def models_abort_canary(
+    name: Annotated[str, typer.Argument(help="registered model name")],
+) -> None:
+    """End the canary of NAME on the local endpoint: all traffic back to production."""
+    if not _update_live(name, canary=None):
+        _fail(f"no local endpoint serves {name}")
+
+
+_KEEP = object()
+
+
+def _update_live(name: str, ref: object = _KEEP, canary: object = _KEEP) -> bool:
+    """Change NAME's entry on the running local endpoint in place (user_config only).
+    Returns False when no local endpoint serves NAME."""
+    from cluster import local
+    from services import serve_config
+    from services.deploy import deploy, deployed_config
+    from training import registry
+
+    if local.status(STATE) is None:
+        return False
+    local.connect(STATE, log_to_driver=False)
+    config = deployed_config()
+    if config is None:
+        return False
+    entries = serve_config.models_of(config)
+    mine = [e for e in entries if e["name"] == name]
+    if not mine:
+        return False
+    uri = serve_config.tracking_uri_of(config)
+    expect = {}
+    for entry in mine:
+        if ref is not _KEEP:
+            entry["ref"] = ref
+        if canary is not _KEEP:
+            entry["canary"] = canary
+        production = str(registry.resolve_version(uri, name, entry["ref"]).version)
+        canary_version = (
+            str(registry.resolve_version(uri, name, entry["canary"]["ref"]).version)
+            if entry["canary"]
+            else None
+        )
+        expect[entry["route"]] = (production, canary_version)
+    url = deploy(serve_config.with_models(config, entries), expect=expect)
+    for route, (production, canary_version) in expect.items():
+        extra = f", canary version {canary_version}" if canary_version else ""
+        console.print(f"live at {url}/v1/models/{route}: version {production}{extra}")
+    return True
 
 
 def _parse_ref(text: str) -> tuple[str, str]:
@@ -291,22 +347,59 @@ def serve(
         list[str], typer.Argument(metavar="NAME[@alias|/version]...", help="models to serve")
     ],
     port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the endpoint")] = 8000,
+    host: Annotated[str, typer.Option(help="HTTP address of the endpoint")] = "127.0.0.1",
+    canary: Annotated[
+        int | None, typer.Option(min=1, help="version to send a share of the traffic to")
+    ] = None,
+    canary_weight: Annotated[
+        float, typer.Option(min=0.0, max=1.0, help="share of requests the canary gets")
+    ] = 0.1,
+    write_config: Annotated[
+        Path | None,
+        typer.Option(help="write the Serve config (for `serve deploy FILE`) and deploy nothing"),
+    ] = None,
 ) -> None:
-    """Serve registered models on the local Ray cluster (started if none runs), with the
-    serve section (route, replicas, batching) of the spec each version was searched with."""
-    from services.deploy import serve_model
+    """Serve registered models on one endpoint of the local Ray cluster (started if none
+    runs), each at its own /v1 and /v2 routes, with the serve section (route, replicas,
+    batching) of the spec its version was searched with. The models listed replace what
+    the endpoint served before."""
+    from services.deploy import deploy
+    from services.serve_config import ServedModel, dump, serve_config
     from training import registry
+    from training.spec import ServeSpec
 
     refs = [_parse_ref(m) for m in models]
-    if len(refs) > 1:
-        _fail("one model per endpoint for now; serve the others on another --port")
-    name, ref = refs[0]
+    if canary is not None and len(refs) != 1:
+        _fail("--canary: give exactly one model to put a canary on")
     uri = _tracking_uri()
-    serve_spec = _serve_section(registry.load_artifact(uri, name, ref))  # fails before Ray
+    served = []
+    for name, ref in refs:
+        spec = _serve_section(registry.load_artifact(uri, name, ref))  # fails before Ray
+        served.append(
+            ServedModel(
+                name=name,
+                ref=ref,
+                serve=spec or ServeSpec(),
+                canary_ref=None if canary is None else str(canary),
+                canary_weight=0.0 if canary is None else canary_weight,
+            )
+        )
+    if canary is not None:
+        registry.load_artifact(uri, refs[0][0], str(canary))
+    config = serve_config(served, tracking_uri=uri, host=host, port=port)
+    if write_config is not None:
+        write_config.write_text(dump(config))
+        console.print(f"wrote {write_config}: serve deploy {write_config} runs this endpoint")
+        return
     _connect(persistent=True)
-    url = serve_model(name, ref, tracking_uri=uri, serve_spec=serve_spec, port=port)
-    route = serve_spec.route or name if serve_spec else name
-    console.print(f"serving {name}@{ref} at [bold]{url}/v1/models/{route}:predict[/]")
+    url = deploy(config)
+    for model in served:
+        extra = f" (canary version {canary} at {canary_weight:.0%})" if model.canary_ref else ""
+        console.print(
+            f"serving {model.name}@{model.ref}{extra} at "
+            f"[bold]{url}/v1/models/{model.client_route}:predict[/] and "
+            f"{url}/v2/models/{model.client_route}/infer"
+        )
 
 
 def _serve_section(artifact):

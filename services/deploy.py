@@ -1,13 +1,14 @@
-"""Deploy a registered model on Ray Serve, and a small HTTP client for its V1 API.
+"""Deploy an endpoint from its Serve config, change it in place, and a small HTTP client.
 
-One model is one Serve application named after the model, at ``route_prefix`` "/"
-by default, so its paths are KServe's ``/v1/models/{name}...``. Serving several
-models on one endpoint (route prefixes per model, or one multi-model app) is not
-done here yet: a second application at "/" is refused by Serve.
+An endpoint is the ``rayship`` Serve application of :mod:`services.serve_config`. It
+is deployed the way ``serve deploy FILE`` deploys a config file (Serve's controller
+``deploy_apps``, which the dashboard's REST API calls too), so what runs locally is the
+declarative config a RayService runs; a new config that changes only ``user_config``
+(promote, canary) reconfigures the running replicas in place.
 
-Serve's HTTP proxy runs on the head node only (``proxy_location="HeadOnly"``): the
-local multi-node cluster puts every node on this machine, where a proxy per node
-would compete for the same port.
+Serve's HTTP proxy runs on the head node only (``proxy_location: HeadOnly``): the local
+multi-node cluster puts every node on this machine, where a proxy per node would
+compete for the same port.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import numpy as np
 
+from services.serve_config import APP_NAME, ServedModel, models_of, serve_config
 from training.spec import ServeSpec
 
 READY_TIMEOUT_S = 120.0
@@ -38,6 +40,65 @@ class PredictError(RuntimeError):
         self.details = details or []
 
 
+def endpoint_url(config: dict[str, Any]) -> str:
+    """The base URL clients use for the endpoint a config describes."""
+    http = config.get("http_options", {})
+    host = http.get("host", "127.0.0.1")
+    return f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{http.get('port', 8000)}"
+
+
+def deploy(
+    config: dict[str, Any],
+    *,
+    expect: dict[str, tuple[str, str | None]] | None = None,
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> str:
+    """Deploy a Serve config on the connected Ray cluster; return the endpoint's URL.
+
+    Starts Serve with the config's HTTP options if it is not running (and refuses, with
+    a clear error, if it runs on another address), hands the config to Serve's
+    controller, then waits until every model answers ``GET /v1/models/{route}`` with
+    the versions in ``expect`` (route → (production version, canary version or None);
+    default: any version). A failed deploy raises :class:`DeployError` with Serve's
+    message. Ray must be initialised by the caller (``ray.init()`` otherwise).
+    """
+    import ray
+    from ray.serve._private.api import serve_start
+    from ray.serve.schema import ServeDeploySchema
+
+    if not ray.is_initialized():
+        ray.init()
+    try:
+        schema = ServeDeploySchema.model_validate(config)
+    except Exception as exc:  # pydantic's ValidationError, with every field it refused
+        raise DeployError(f"not a valid Serve config: {exc}") from None
+    http = config.get("http_options", {})
+    client = serve_start(http_options=http, proxy_location=config.get("proxy_location"))
+    _check_http_address(client, http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
+    client.deploy_apps(schema)
+    url = endpoint_url(config)
+    routes = {m["route"]: None for m in models_of(config)}
+    routes.update(expect or {})
+    deadline = time.monotonic() + ready_timeout_s
+    for route, versions in routes.items():
+        wait_ready(url, route, versions, timeout=max(1.0, deadline - time.monotonic()))
+    return url
+
+
+def serve_models(
+    models: list[ServedModel],
+    *,
+    tracking_uri: str,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    ready_timeout_s: float = READY_TIMEOUT_S,
+) -> str:
+    """Deploy an endpoint serving ``models``; return its base URL (for
+    ``{url}/v1/models/{route}:predict`` and ``{url}/v2/models/{route}/infer``)."""
+    config = serve_config(models, tracking_uri=tracking_uri, host=host, port=port)
+    return deploy(config, ready_timeout_s=ready_timeout_s)
+
+
 def serve_model(
     name: str,
     ref: str = "production",
@@ -46,53 +107,41 @@ def serve_model(
     serve_spec: ServeSpec | None = None,
     port: int = 8000,
     host: str = "127.0.0.1",
-    route_prefix: str = "/",
-    blocking: bool = False,
     ready_timeout_s: float = READY_TIMEOUT_S,
 ) -> str:
-    """Deploy ``name`` at ``ref`` (version number or alias) and return the endpoint's base URL.
-
-    Starts Serve's HTTP proxy on ``host:port`` if Serve is not running yet (and
-    refuses, with a clear error, if it already runs on another address), deploys the
-    application and waits until ``GET /v1/models/{name}`` answers. Ray is expected to
-    be initialised by the caller; if it is not, ``ray.init()`` connects to or starts
-    one. ``blocking=True`` then waits until interrupted (Ctrl-C) and deletes the app.
-    The returned URL is the base for the V1 paths (``{url}/v1/models/{route}:predict``,
-    the route being ``serve_spec.route`` or the model name).
-    """
-    import ray
-    from ray import serve
-
-    from services.app import build_app
-
-    if not ray.is_initialized():
-        ray.init()
-    serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
-    _check_http_address(host, port)
-    prefix = "/" + route_prefix.strip("/")
-    try:
-        serve.run(build_app(name, ref, tracking_uri, serve_spec), name=name, route_prefix=prefix)
-    except Exception as exc:  # Serve reports DEPLOY_FAILED as RuntimeError with the replica's error
-        raise DeployError(f"{name}@{ref} failed to deploy: {exc}") from exc
-    url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}{prefix.rstrip('/')}"
-    wait_ready(url, (serve_spec and serve_spec.route) or name, timeout=ready_timeout_s)
-    if blocking:
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            serve.delete(name)
-    return url
+    """Deploy an endpoint serving one model, ``name`` at ``ref``; return its base URL."""
+    model = ServedModel(name=name, ref=str(ref), serve=serve_spec or ServeSpec())
+    return serve_models(
+        [model], tracking_uri=tracking_uri, port=port, host=host, ready_timeout_s=ready_timeout_s
+    )
 
 
-def _check_http_address(host: str, port: int) -> None:
-    """Serve keeps the HTTP options of its first start; refuse a different address."""
+def deployed_config() -> dict[str, Any] | None:
+    """The Serve config of the running endpoint (as Serve recorded it), or None when no
+    ``rayship`` application runs on the connected cluster."""
     from ray.serve.context import _get_global_client
 
     try:
-        config = _get_global_client().http_config
-    except Exception:  # private API; without it the readiness check still catches a wrong port
-        return
+        client = _get_global_client()
+    except Exception:  # Serve not started on this cluster
+        return None
+    if client is None:
+        return None
+    details = client.get_serve_details()
+    app = details.get("applications", {}).get(APP_NAME)
+    if not app or not app.get("deployed_app_config"):
+        return None
+    http = client.http_config
+    return {
+        "proxy_location": details.get("proxy_location") or "HeadOnly",
+        "http_options": {"host": http.host, "port": int(http.port)},
+        "applications": [app["deployed_app_config"]],
+    }
+
+
+def _check_http_address(client: Any, host: str, port: int) -> None:
+    """Serve keeps the HTTP options of its first start; refuse a different address."""
+    config = client.http_config
     if (config.host, int(config.port)) != (host, int(port)):
         raise DeployError(
             f"Serve is already running with HTTP on {config.host}:{config.port}, "
@@ -101,20 +150,47 @@ def _check_http_address(host: str, port: int) -> None:
         )
 
 
-def wait_ready(url: str, name: str, timeout: float = READY_TIMEOUT_S) -> dict[str, Any]:
-    """Poll ``GET {url}/v1/models/{name}`` until it answers ready; returns the metadata."""
+def wait_ready(
+    url: str,
+    route: str,
+    versions: tuple[str, str | None] | None = None,
+    timeout: float = READY_TIMEOUT_S,
+) -> dict[str, Any]:
+    """Poll ``GET {url}/v1/models/{route}`` until it answers ready (serving
+    ``versions`` = (production, canary or None) when given); returns the metadata.
+    While waiting, a deploy Serve reports as failed raises at once with its message."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         try:
-            resp = httpx.get(f"{url}/v1/models/{name}", timeout=5)
-            if resp.status_code == 200 and resp.json().get("ready"):
-                return resp.json()
-            last = f"HTTP {resp.status_code}: {resp.text[:200]}"
+            resp = httpx.get(f"{url}/v1/models/{route}", timeout=5)
+            meta = resp.json() if resp.status_code == 200 else {}
+            if meta.get("ready"):
+                canary = (meta.get("canary") or {}).get("version")
+                if versions is None or (meta.get("version"), canary) == tuple(versions):
+                    return meta
+                last = f"serving version {meta.get('version')} (canary {canary})"
+            else:
+                last = f"HTTP {resp.status_code}: {resp.text[:200]}"
         except httpx.HTTPError as exc:
             last = str(exc) or type(exc).__name__
+        _raise_if_failed()
         time.sleep(0.2)
-    raise DeployError(f"{name} at {url} not ready after {timeout:.0f} s (last: {last})")
+    raise DeployError(f"{route} at {url} not ready after {timeout:.0f} s (last: {last})")
+
+
+def _raise_if_failed() -> None:
+    try:
+        import ray
+        from ray import serve
+
+        if not ray.is_initialized():
+            return
+        app = serve.status().applications.get(APP_NAME)
+    except Exception:
+        return
+    if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
+        raise DeployError(f"the endpoint failed to deploy: {app.message}")
 
 
 def _jsonable(value: Any) -> Any:

@@ -107,7 +107,7 @@ class OnnxPredictor:
         self.task: str = schema["task"]
         self.features: list[dict[str, Any]] = list(schema["features"])
         self.names: list[str] = [f["name"] for f in self.features]
-        self._numeric = [f["dtype"] == "float" for f in self.features]
+        self.numeric = [f["dtype"] == "float" for f in self.features]
         self._index = {n: i for i, n in enumerate(self.names)}
         self.classes: list[Any] | None = schema.get("classes")
 
@@ -202,7 +202,7 @@ class OnnxPredictor:
                 )
                 continue
             for j, value in enumerate(values):
-                if self._numeric[j]:
+                if self.numeric[j]:
                     cell = _numeric(value)
                     expected = "a number within float32 range, or null"
                 else:
@@ -229,7 +229,7 @@ class OnnxPredictor:
             name: (
                 np.asarray(col, dtype=np.float32) if numeric else np.asarray(col, dtype=object)
             ).reshape(-1, 1)
-            for name, col, numeric in zip(self.names, columns, self._numeric, strict=True)
+            for name, col, numeric in zip(self.names, columns, self.numeric, strict=True)
         }
 
     def check_options(self, return_probabilities: bool) -> None:

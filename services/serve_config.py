@@ -96,9 +96,7 @@ def deployment_options(specs: list[ServeSpec]) -> dict[str, Any]:
     target = min(s.target_ongoing_requests for s in specs)
     return {
         "name": DEPLOYMENT,
-        "max_ongoing_requests": max(
-            max(s.max_batch_size for s in specs), math.ceil(2 * target)
-        ),
+        "max_ongoing_requests": max(max(s.max_batch_size for s in specs), math.ceil(2 * target)),
         "max_queued_requests": max(s.max_queued_requests for s in specs),
         "backpressure_config": {"status_code": 503, "retry_after_s": RETRY_AFTER_S},
         "autoscaling_config": {

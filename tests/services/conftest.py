@@ -2,7 +2,9 @@
 regression → one ONNX graph → MLflow (SQLite store in a tmp dir), trained once per session.
 
 Versions: 1 (alias ``production``), 2 (its model.onnx overwritten after registration:
-fails its checksum), 3 (the same graph as 1, for the hot swap).
+fails its checksum), 3 (the same graph as 1, for the hot swap). A second model,
+``churn-tree`` (a depth-2 decision tree on the same features, version 1 in production),
+is the other model of a two-model endpoint.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ class Registered:
     good_version: str
     tampered_version: str
     swap_version: str
+    other_name: str
+    other_onnx_bytes: bytes
 
 
 def _make_churn():
@@ -108,4 +112,19 @@ def registered(tmp_path_factory) -> Registered:
     assert onnx_path.read_bytes() == onnx_bytes
     onnx_path.write_bytes(onnx_bytes.replace(b"rayship", b"tampers"))
     swap, _ = _log_and_register(uri, NAME, onnx_bytes, sha, files, {"accuracy": accuracy})
-    return Registered(uri, NAME, onnx_bytes, schema, splits.X_test, good, tampered, swap)
+
+    tree = make_estimator(
+        "sklearn.tree.DecisionTreeClassifier", {"max_depth": 2}, spec.data.seed
+    ).fit(feats, y)
+    tree_bytes = export.assemble(
+        pre, export.sklearn_model_graph(tree, feats.shape[1], spec.task), schema
+    )
+    other = f"{NAME}-tree"
+    tree_files = {**files, "spec.yaml": spec_to_yaml(spec.model_copy(update={"name": other}))}
+    tree_version, _ = _log_and_register(
+        uri, other, tree_bytes, registry.sha256(tree_bytes), tree_files, {"accuracy": accuracy}
+    )
+    registry.set_alias(uri, other, registry.PRODUCTION, tree_version)
+    return Registered(
+        uri, NAME, onnx_bytes, schema, splits.X_test, good, tampered, swap, other, tree_bytes
+    )

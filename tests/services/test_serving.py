@@ -1,7 +1,8 @@
-"""The Serve app end to end: real Ray, real Serve over HTTP on 127.0.0.1, real MLflow store.
+"""The endpoint's protocols end to end: real Ray, real Serve over HTTP on 127.0.0.1, real
+MLflow store, and tritonclient as the stock V2 client.
 
-One Ray instance and one deployed application for the whole module; the hot-swap
-test redeploys it and runs last.
+One Ray instance and one deployed endpoint for the whole module; the route test
+redeploys it and runs last.
 """
 
 from __future__ import annotations
@@ -24,15 +25,28 @@ SPEC = ServeSpec(
     cpus_per_replica=0.5,
     max_batch_size=16,
     batch_wait_timeout_s=0.002,
+    max_request_bytes=64 * 1024,
 )
 
 
 @pytest.fixture(scope="module")
-def endpoint(registered, free_port):
+def metrics_port(free_port):
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def endpoint(registered, free_port, metrics_port):
     import ray
     from ray import serve
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     try:
         url = serve_model(
             registered.name,
@@ -208,45 +222,167 @@ def test_tampered_version_is_refused_at_load(registered):
         registry.load_artifact(registered.uri, registered.name, registered.tampered_version)
 
 
-def test_reconfigure_swaps_in_place_and_refuses_a_tampered_version(endpoint, registered):
-    """What a user_config change does on a live replica (called here through the handle)."""
-    from ray import serve
-
-    handle = serve.get_app_handle(registered.name)
-    handle.reconfigure.remote({"ref": registered.swap_version}).result(timeout_s=60)
-    assert (
-        predict_http(endpoint, registered.name, [GOOD])["model_version"] == registered.swap_version
-    )
-    with pytest.raises(Exception, match="sha256"):
-        handle.reconfigure.remote({"ref": registered.tampered_version}).result(timeout_s=60)
-    assert (
-        predict_http(endpoint, registered.name, [GOOD])["model_version"] == registered.swap_version
-    )
-    handle.reconfigure.remote({"version": registered.good_version}).result(timeout_s=60)
-    assert (
-        predict_http(endpoint, registered.name, [GOOD])["model_version"] == registered.good_version
-    )
+# -- Open Inference Protocol (V2) --------------------------------------------------------
 
 
-def test_user_config_ref_wins_over_the_constructor_ref(endpoint, registered):
-    """Runs next to last. serve.run gives every deploy a new code version, so this redeploy starts a
-    new replica; it loads "production" and Serve's reconfigure(user_config) moves it on."""
-    from ray import serve
+def v2_inputs(registered, X) -> list[dict]:
+    """The V2 JSON tensors of rows X: one per feature, shape [N, 1] (a missing category is
+    '', a missing number null: JSON has no NaN)."""
+    inputs = []
+    for f in registered.schema.features:
+        col = X[f.name]
+        if f.dtype == "float":
+            data = [None if np.isnan(v) else v for v in col.astype("float32").tolist()]
+            datatype = "FP32"
+        else:
+            data, datatype = col.astype(str).tolist(), "BYTES"
+        inputs.append({"name": f.name, "shape": [len(X), 1], "datatype": datatype, "data": data})
+    return inputs
 
-    from services.app import build_app
 
-    app = build_app(
+def test_tritonclient_infers_unchanged(endpoint, registered, offline):
+    """tritonclient's HTTP client, as shipped: binary tensors in, binary tensors out."""
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url=endpoint.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready()
+    assert client.is_model_ready(registered.name)
+    meta = client.get_model_metadata(registered.name)
+    assert meta["versions"] == [registered.good_version]
+    X = registered.X_test
+    inputs = []
+    for tensor in meta["inputs"]:
+        col = X[tensor["name"]]
+        if tensor["datatype"] == "FP32":
+            array = col.to_numpy(dtype=np.float32).reshape(-1, 1)
+        else:
+            array = col.astype(str).to_numpy(dtype=object).reshape(-1, 1)
+        inp = triton.InferInput(tensor["name"], list(array.shape), tensor["datatype"])
+        inp.set_data_from_numpy(array)
+        inputs.append(inp)
+    result = client.infer(registered.name, inputs)
+    pred, proba = offline
+    assert [p.decode() for p in result.as_numpy("prediction")] == pred.tolist()
+    np.testing.assert_allclose(result.as_numpy("probabilities"), proba, atol=1e-6)
+    assert result.get_response()["model_version"] == registered.good_version
+
+    json_out = client.infer(
         registered.name,
-        "production",
-        registered.uri,
-        SPEC,
-        user_config={"ref": registered.swap_version},
+        inputs,
+        model_version=registered.good_version,
+        outputs=[triton.InferRequestedOutput("prediction", binary_data=False)],
     )
-    serve.run(app, name=registered.name, route_prefix="/")
-    out = predict_http(endpoint, registered.name, [GOOD])
-    assert out["model_version"] == registered.swap_version
-    meta = httpx.get(f"{endpoint}/v1/models/{registered.name}", timeout=30).json()
-    assert meta["version"] == registered.swap_version
+    assert json_out.as_numpy("prediction").tolist() == pred.tolist()  # JSON data: str
+    assert json_out.as_numpy("probabilities") is None
+
+
+def test_v2_json_infer_equals_offline(endpoint, registered, offline):
+    X = registered.X_test
+    body = {"id": "r1", "inputs": v2_inputs(registered, X)}
+    body["inputs"][0]["shape"] = [len(X)]  # [N] is accepted as well as [N, 1]
+    resp = httpx.post(f"{endpoint}/v2/models/{registered.name}/infer", json=body, timeout=30)
+    assert resp.status_code == 200, resp.text
+    out = resp.json()
+    assert out["id"] == "r1" and out["model_version"] == registered.good_version
+    by_name = {o["name"]: o for o in out["outputs"]}
+    assert by_name["prediction"]["data"] == offline[0].tolist()
+    assert by_name["probabilities"]["shape"] == [len(X), 2]
+    proba = np.array(by_name["probabilities"]["data"]).reshape(len(X), 2)
+    np.testing.assert_allclose(proba, offline[1], atol=1e-6)
+
+
+def test_v2_metadata_and_health(endpoint, registered):
+    assert httpx.get(f"{endpoint}/v2/health/live", timeout=10).json() == {"live": True}
+    assert httpx.get(f"{endpoint}/v2/health/ready", timeout=10).json() == {"ready": True}
+    meta = httpx.get(f"{endpoint}/v2/models/{registered.name}", timeout=10).json()
+    assert meta["platform"] == "onnxruntime_onnx"
+    assert [(t["name"], t["datatype"]) for t in meta["inputs"]] == [
+        (f.name, "FP32" if f.dtype == "float" else "BYTES") for f in registered.schema.features
+    ]
+    assert [o["name"] for o in meta["outputs"]] == ["prediction", "probabilities"]
+    path = f"{endpoint}/v2/models/{registered.name}/versions/{registered.good_version}/ready"
+    assert httpx.get(path, timeout=10).status_code == 200
+
+
+def _v2_body(registered, **change):
+    body = {"inputs": v2_inputs(registered, registered.X_test[:3])}
+    for key, value in change.items():
+        index, field = key.split("__")
+        body["inputs"][int(index)][field] = value
+    return body
+
+
+@pytest.mark.parametrize(
+    ("case", "path", "status", "field"),
+    [
+        ("missing-input", "churn/infer", 400, "plan"),
+        ("bytes-for-a-number", "churn/infer", 400, "tenure_months"),
+        ("short-data", "churn/infer", 400, "inputs[0].data"),
+        ("bad-datatype", "churn/infer", 400, "inputs[0].datatype"),
+        ("unknown-output", "churn/infer", 400, "outputs"),
+        ("malformed-json", "churn/infer", 400, "body"),
+        ("unknown-model", "nosuch/infer", 404, "name"),
+        ("unknown-version", "churn/versions/99/infer", 404, "version"),
+    ],
+)
+def test_v2_bad_requests_name_the_field(endpoint, registered, case, path, status, field):
+    body = _v2_body(registered)
+    numeric = next(i for i, f in enumerate(registered.schema.features) if f.dtype == "float")
+    if case == "missing-input":
+        body["inputs"] = [t for t in body["inputs"] if t["name"] != "plan"]
+    elif case == "bytes-for-a-number":
+        body["inputs"][numeric].update(datatype="BYTES", data=["a", "b", "c"])
+    elif case == "short-data":
+        body["inputs"][0]["data"] = body["inputs"][0]["data"][:2]
+    elif case == "bad-datatype":
+        body["inputs"][0]["datatype"] = "FLOAT"
+    elif case == "unknown-output":
+        body["outputs"] = [{"name": "logits"}]
+    content = b'{"inputs": [' if case == "malformed-json" else json.dumps(body).encode()
+    resp = httpx.post(f"{endpoint}/v2/models/{path}", content=content, timeout=30)
+    assert resp.status_code == status, resp.text
+    assert resp.json()["details"][0]["field"] == field, resp.text
+    good = httpx.post(f"{endpoint}/v2/models/churn/infer", json=_v2_body(registered), timeout=30)
+    assert good.status_code == 200
+
+
+def test_a_body_over_the_limit_gets_413_and_the_server_goes_on(endpoint, registered):
+    big = {"instances": [GOOD] * 2000}  # about 200 kB, over the 64 kB limit
+    resp = httpx.post(predict_url(endpoint), json=big, timeout=30)
+    assert resp.status_code == 413 and resp.json()["details"][0]["field"] == "body"
+
+    def chunks():  # no Content-Length: the limit applies while reading
+        payload = json.dumps(big).encode()
+        for i in range(0, len(payload), 8192):
+            yield payload[i : i + 8192]
+
+    resp = httpx.post(predict_url(endpoint), content=chunks(), timeout=30)
+    assert resp.status_code == 413
+    assert predict_http(endpoint, registered.name, [GOOD])["model_version"]
+
+
+def test_metrics_reach_rays_prometheus_endpoint(endpoint, registered, metrics_port):
+    import re
+    import time
+
+    predict_http(endpoint, registered.name, [GOOD])
+    httpx.post(predict_url(endpoint), json={"instances": [{**GOOD, "plan": 3}]}, timeout=30)
+    wanted = {
+        "ok": r'ray_rayship_requests_total\{[^}]*code="200"[^}]*model="churn"[^}]*protocol="v1"',
+        "bad": r'ray_rayship_requests_total\{[^}]*code="400"',
+        "latency": r"ray_rayship_request_latency_ms_bucket\{",
+        "rows": r"ray_rayship_batch_rows_bucket\{",
+        "version": r'ray_rayship_model_version\{[^}]*model="churn"[^}]*role="production"[^}]*\} '
+        + registered.good_version,
+        "batch": r'ray_serve_batch_queue_length\{[^}]*function_name="infer_churn"',
+    }
+    missing = set(wanted)
+    deadline = time.monotonic() + 60
+    while missing and time.monotonic() < deadline:
+        text = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        missing = {k for k in missing if not re.search(wanted[k], text)}
+        time.sleep(1)
+    assert not missing, f"metrics not exported: {sorted(missing)}"
 
 
 def test_the_spec_route_names_the_model_for_clients(endpoint, registered):
