@@ -496,5 +496,165 @@ def status() -> None:
     console.print(table)
 
 
+# --------------------------------------------------------------------------- Kubernetes
+
+k8s_app = typer.Typer(no_args_is_help=True, help="Follow rayship's RayJob and RayService.")
+app.add_typer(k8s_app, name="k8s")
+
+
+def _k8s(fn):
+    """Like _guard, for the Kubernetes commands: K8sError is one red line too."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from cluster.k8s import K8sError
+
+        try:
+            return fn(*args, **kwargs)
+        except K8sError as exc:
+            _fail(str(exc))
+
+    return _guard(wrapper)
+
+
+Overlay = Annotated[str, typer.Option(help="kustomize overlay: local (kind, minikube) or prod")]
+
+
+def _rendered(spec_path: Path, overlay: str) -> list[dict]:
+    from cluster import k8s
+
+    objects, warnings = k8s.render(spec_path, overlay)
+    notes = Console(stderr=True)  # stdout may be the manifests themselves
+    for w in warnings:
+        notes.print(f"[yellow]note:[/] {w}", soft_wrap=True)
+    return objects
+
+
+@app.command()
+@_k8s
+def render(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML)")],
+    overlay: Overlay = "local",
+    out: Annotated[
+        Path | None,
+        typer.Option(help="write one file per object and a kustomization.yaml here"),
+    ] = None,
+) -> None:
+    """Kubernetes manifests for SPEC: its RayJob (search), RayService (endpoint) and the
+    overlay's namespace, RBAC, NetworkPolicies, PodMonitors and storage."""
+    from cluster import k8s
+
+    objects = _rendered(spec_path, overlay)
+    if out is None:
+        print(k8s.dump_objects(objects), end="")
+        return
+    files = k8s.write_manifests(objects, out)
+    console.print(f"wrote {len(files)} files to {out} (kubectl apply -k {out})")
+
+
+@app.command()
+@_k8s
+def deploy(
+    source: Annotated[
+        Path,
+        typer.Argument(metavar="SPEC|DIR", help="a spec, or a folder `rayship render` wrote"),
+    ],
+    overlay: Overlay = "local",
+    context: Annotated[str | None, typer.Option(help="kubeconfig context")] = None,
+    watch: Annotated[bool, typer.Option(help="follow the RayJob and RayService")] = False,
+) -> None:
+    """Apply the manifests with server-side apply (a finished RayJob of the same name is
+    replaced, so the search runs again)."""
+    from cluster import k8s, k8s_apply
+
+    objects = k8s.read_manifests(source) if source.is_dir() else _rendered(source, overlay)
+    for line in k8s_apply.deploy(objects, context=context):
+        console.print(f"applied {line}")
+    names = [o["metadata"]["name"] for o in objects if o["kind"] in ("RayJob", "RayService")]
+    if watch:
+        _follow(objects, context=context, logs=True, timeout=6 * 3600.0)
+    else:
+        console.print(f"follow with: rayship k8s status {' '.join(names)}")
+
+
+def _follow(objects: list[dict], *, context: str | None, logs: bool, timeout: float) -> None:
+    ns = {o["metadata"]["name"]: o["metadata"].get("namespace", "rayship") for o in objects}
+    kinds = {o["metadata"]["name"]: o["kind"] for o in objects}
+    _follow_names(
+        [n for n in kinds if kinds[n] == "RayJob"] + [n for n in kinds if kinds[n] == "RayService"],
+        kinds,
+        ns,
+        context=context,
+        logs=logs,
+        timeout=timeout,
+    )
+
+
+def _follow_names(names, kinds, namespaces, *, context, logs, timeout) -> None:
+    import threading
+
+    from cluster import k8s_apply
+
+    failed = False
+    for name in names:
+        kind, ns = kinds[name], namespaces[name]
+        if kind == "RayJob" and logs:
+            threading.Thread(
+                target=k8s_apply.follow_job_log,
+                args=(name, lambda line: console.print(f"[dim]{line}[/]", highlight=False)),
+                kwargs={"namespace": ns, "context": context},
+                daemon=True,
+            ).start()
+        for state in k8s_apply.watch_states(
+            kind, name, namespace=ns, context=context, timeout_s=timeout
+        ):
+            style = "red" if state.failed else ("green" if state.done else "cyan")
+            console.print(f"[{style}]{state.phase}[/] {state.message}", soft_wrap=True)
+        failed = failed or state.failed
+    if failed:
+        raise typer.Exit(1)
+
+
+@k8s_app.command("status")
+@_k8s
+def k8s_status(
+    names: Annotated[
+        list[str],
+        typer.Argument(
+            metavar="NAME...",
+            help="a spec name (its <name>-tune RayJob and <name>-serve RayService) or "
+            "RayJob/RayService names",
+        ),
+    ],
+    namespace: Annotated[str, typer.Option(help="namespace of the objects")] = "rayship",
+    context: Annotated[str | None, typer.Option(help="kubeconfig context")] = None,
+    logs: Annotated[bool, typer.Option(help="stream the RayJob's log")] = True,
+    timeout: Annotated[float, typer.Option(min=1, help="seconds to follow each object")] = 21600,
+) -> None:
+    """Follow RayJob and RayService status conditions (and the job's log) until each is
+    done or has failed; exits 1 on a failure state, with what it means."""
+    from cluster import k8s, k8s_apply
+
+    kinds: dict[str, str] = {}
+    for name in names:
+        candidates = [name, k8s.resource_name(name, "tune"), k8s.resource_name(name, "serve")]
+        for candidate in dict.fromkeys(candidates):
+            for kind in ("RayJob", "RayService"):
+                if k8s_apply.get_object(kind, candidate, namespace, context) is not None:
+                    kinds[candidate] = kind
+    if not kinds:
+        _fail(f"no RayJob or RayService for {', '.join(names)} in namespace {namespace}")
+    order = sorted(kinds, key=lambda n: kinds[n] != "RayJob")
+    _follow_names(
+        order,
+        kinds,
+        dict.fromkeys(kinds, namespace),
+        context=context,
+        logs=logs,
+        timeout=timeout,
+    )
+
+
 if __name__ == "__main__":
     app()

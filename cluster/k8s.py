@@ -231,6 +231,12 @@ def render_for_spec(
     warnings for the user. The input is not modified."""
     objects = copy.deepcopy(objects)
     warnings: list[str] = []
+    source = spec.data.source
+    if not source.startswith(("sklearn:", "s3://", "gs://", "http://", "https://")):
+        warnings.append(
+            f"data.source {source!r} is a local path: the RayJob reads it inside the head "
+            "pod, where only the spec is mounted; put the data on S3 (s3://...) or in the image"
+        )
     names = {
         "ConfigMap": resource_name(spec.name, "spec"),
         "RayJob": resource_name(spec.name, "tune"),
