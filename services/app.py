@@ -29,8 +29,11 @@ average. Every answer names the version that produced it (``model_version``).
 ``reconfigure`` (Serve's ``user_config``) loads what changed — a new ref, a new canary —
 next to the versions being served, then switches over in one assignment: requests
 already routed finish on the version they started with, later ones use the new one, and
-none waits for a restart. A ref that fails (unknown, bad checksum) raises and leaves the
-served versions as they were.
+none waits for a restart. A ref that fails to load (unknown, bad checksum) on a model
+already served does not raise — Serve would mark the whole deployment failed and stop
+routing to it — but keeps the served versions and reports the failure as ``error`` in
+``GET /v1/models/{name}``, which :func:`services.deploy.deploy` turns into an error (and
+a rollback). On a first load there is nothing to keep: it raises and the deploy fails.
 
 Requests are validated one by one (a bad request is refused on its own) and the valid
 ones of a model go through one ``@serve.batch`` batcher per model, which runs them in one
@@ -202,6 +205,7 @@ class Served:
     infer: Any
     max_request_bytes: int
     routed: int = 0
+    error: dict[str, Any] | None = None  # the refs that last failed to load, and why
 
     def pick(self) -> OnnxPredictor:
         """The version for the next request: the canary on every ``1/weight``-th one."""
@@ -313,12 +317,19 @@ class ModelServer:
             old = self.models.get(entry["route"])
             if old is not None and old.name != entry["name"]:
                 old = None
-            production = await self._predictor(entry["name"], entry["route"], entry["ref"], old)
-            canary = None
-            if entry["canary"] is not None:
-                canary = await self._predictor(
-                    entry["name"], entry["route"], entry["canary"]["ref"], old
-                )
+            try:
+                production, canary = await self._versions(entry, old)
+                error = None
+            except Exception as exc:
+                if old is None:
+                    raise  # nothing served yet: the deploy fails, nothing is lost
+                error = {
+                    "ref": entry["ref"],
+                    "canary_ref": (entry["canary"] or {}).get("ref"),
+                    "message": f"{type(exc).__name__}: {exc}",
+                }
+                logger.error("%s: keeping version %s: %s", entry["route"], old.versions, exc)
+                production, canary = old.production, old.canary
             if old is not None:
                 infer = old.infer
                 infer.set_max_batch_size(entry["max_batch_size"])
@@ -330,14 +341,18 @@ class ModelServer:
                     entry["batch_wait_timeout_s"],
                     self.metrics,
                 )
+            weight = (entry["canary"] or {}).get("weight", 0.0) if canary else 0.0
+            if error is not None and old is not None:
+                weight = old.canary_weight
             new[entry["route"]] = Served(
                 name=entry["name"],
                 route=entry["route"],
                 production=production,
                 canary=canary,
-                canary_weight=entry["canary"]["weight"] if canary else 0.0,
+                canary_weight=weight,
                 infer=infer,
                 max_request_bytes=entry["max_request_bytes"],
+                error=error,
             )
         self.models = new  # the switch-over: one assignment
         for served in new.values():
@@ -356,6 +371,18 @@ class ModelServer:
                 if served.canary
                 else "",
             )
+
+    async def _versions(
+        self, entry: dict[str, Any], old: Served | None
+    ) -> tuple[OnnxPredictor, OnnxPredictor | None]:
+        """The production and canary predictors an entry asks for."""
+        production = await self._predictor(entry["name"], entry["route"], entry["ref"], old)
+        canary = None
+        if entry["canary"] is not None:
+            canary = await self._predictor(
+                entry["name"], entry["route"], entry["canary"]["ref"], old
+            )
+        return production, canary
 
     async def _predictor(
         self, name: str, route: str, ref: str, old: Served | None
@@ -392,6 +419,7 @@ class ModelServer:
             if served.canary
             else None
         )
+        meta["error"] = served.error
         return meta
 
     @app.post("/v1/models/{name}:predict")

@@ -75,14 +75,30 @@ def deploy(
     http = config.get("http_options", {})
     client = serve_start(http_options=http, proxy_location=config.get("proxy_location"))
     _check_http_address(client, http.get("host", "127.0.0.1"), int(http.get("port", 8000)))
+    previous = deployed_config()
     client.deploy_apps(schema)
     url = endpoint_url(config)
-    routes = {m["route"]: None for m in models_of(config)}
-    routes.update(expect or {})
     deadline = time.monotonic() + ready_timeout_s
-    for route, versions in routes.items():
-        wait_ready(url, route, versions, timeout=max(1.0, deadline - time.monotonic()))
+    try:
+        for entry in models_of(config):
+            refs = (entry["ref"], (entry.get("canary") or {}).get("ref"))
+            versions = (expect or {}).get(entry["route"])
+            left = max(1.0, deadline - time.monotonic())
+            wait_ready(url, entry["route"], versions, timeout=left, refs=refs)
+    except DeployError as exc:
+        if previous is not None and previous != config and _is_update_of(previous, config):
+            client.deploy_apps(ServeDeploySchema.model_validate(previous))
+            raise DeployError(f"{exc}; the endpoint keeps its previous config") from None
+        raise
     return url
+
+
+def _is_update_of(previous: dict[str, Any], config: dict[str, Any]) -> bool:
+    """True when ``config`` differs from ``previous`` only in the models' user_config,
+    so putting ``previous`` back is a reconfigure of the same replicas."""
+    from services.serve_config import with_models
+
+    return with_models(previous, models_of(config)) == config
 
 
 def serve_models(
@@ -155,16 +171,21 @@ def wait_ready(
     route: str,
     versions: tuple[str, str | None] | None = None,
     timeout: float = READY_TIMEOUT_S,
+    refs: tuple[str, str | None] | None = None,
 ) -> dict[str, Any]:
     """Poll ``GET {url}/v1/models/{route}`` until it answers ready (serving
     ``versions`` = (production, canary or None) when given); returns the metadata.
-    While waiting, a deploy Serve reports as failed raises at once with its message."""
+    While waiting, a deploy Serve reports as failed, or a replica's report that
+    ``refs`` (the deployed production and canary refs) failed to load, raises at once."""
     deadline = time.monotonic() + timeout
     last = "no answer"
     while time.monotonic() < deadline:
         try:
             resp = httpx.get(f"{url}/v1/models/{route}", timeout=5)
             meta = resp.json() if resp.status_code == 200 else {}
+            error = meta.get("error")
+            if error and refs is not None and (error["ref"], error["canary_ref"]) == tuple(refs):
+                raise DeployError(f"{route}: {error['message']}")
             if meta.get("ready"):
                 canary = (meta.get("canary") or {}).get("version")
                 if versions is None or (meta.get("version"), canary) == tuple(versions):
@@ -190,7 +211,8 @@ def _raise_if_failed() -> None:
     except Exception:
         return
     if app is not None and str(app.status).endswith("DEPLOY_FAILED"):
-        raise DeployError(f"the endpoint failed to deploy: {app.message}")
+        reasons = [d.message for d in app.deployments.values() if d.message] or [app.message]
+        raise DeployError(f"the endpoint failed to deploy: {' '.join(reasons)}")
 
 
 def _jsonable(value: Any) -> Any:

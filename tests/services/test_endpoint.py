@@ -1,0 +1,187 @@
+"""Operating a live endpoint: two models at once, a canary, a promote under steady load,
+an overload burst. Real Ray and Serve, real HTTP on 127.0.0.1, the real MLflow store.
+
+One Ray instance for the module; each test deploys the endpoint config it needs, the
+way ``rayship serve`` / ``rayship models promote`` do (only ``user_config`` changes
+between most of them, so Serve reconfigures the running replica).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+from served import GOOD, rows_of
+
+from services.deploy import DeployError, deploy, deployed_config, predict_http
+from services.serve_config import ServedModel, models_of, serve_config
+from training import export
+from training.spec import ServeSpec
+
+SPEC = ServeSpec(
+    min_replicas=1,
+    max_replicas=1,
+    cpus_per_replica=0.5,
+    max_batch_size=16,
+    batch_wait_timeout_s=0.002,
+)
+
+
+@pytest.fixture(scope="module")
+def port(free_port):
+    import ray
+    from ray import serve
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield free_port()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def endpoint(registered, port, *models: ServedModel, expect=None) -> str:
+    config = serve_config(list(models), tracking_uri=registered.uri, port=port)
+    return deploy(config, expect=expect)
+
+
+def churn(registered, ref="production", **kw) -> ServedModel:
+    return ServedModel(name=registered.name, ref=ref, serve=kw.pop("serve", SPEC), **kw)
+
+
+def replica_ids() -> list[str]:
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    deployment = details["applications"]["rayship"]["deployments"]["ModelServer"]
+    return sorted(r["replica_id"] for r in deployment["replicas"] if r["state"] == "RUNNING")
+
+
+def test_two_models_answer_at_their_own_routes(registered, port):
+    other = ServedModel(name=registered.other_name, serve=SPEC)
+    url = endpoint(registered, port, churn(registered), other)
+    X = registered.X_test[:60]
+    rows = rows_of(X)
+    for name, graph in (
+        (registered.name, registered.onnx_bytes),
+        (other.name, registered.other_onnx_bytes),
+    ):
+        out = predict_http(url, name, rows, return_probabilities=True)
+        pred, proba = export.run_onnx(graph, X, registered.schema)
+        assert out["predictions"] == pred.tolist()
+        np.testing.assert_allclose(out["probabilities"], proba, atol=1e-6)
+        assert httpx.get(f"{url}/v2/models/{name}/ready", timeout=10).status_code == 200
+    tree = predict_http(url, other.name, rows, return_probabilities=True)["probabilities"]
+    logreg = predict_http(url, registered.name, rows, return_probabilities=True)["probabilities"]
+    assert not np.allclose(tree, logreg)  # two different models, each at its own route
+    listed = httpx.get(f"{url}/v1/models", timeout=10).json()["models"]
+    assert listed == sorted([registered.name, other.name])
+
+
+def test_a_ten_percent_canary_gets_about_ten_percent(registered, port):
+    canary = churn(registered, canary_ref=registered.swap_version, canary_weight=0.1)
+    url = endpoint(
+        registered,
+        port,
+        canary,
+        expect={"churn": (registered.good_version, registered.swap_version)},
+    )
+    with ThreadPoolExecutor(4) as pool:
+        versions = list(
+            pool.map(lambda _: predict_http(url, "churn", [GOOD])["model_version"], range(400))
+        )
+    counts = Counter(versions)
+    assert set(counts) == {registered.good_version, registered.swap_version}
+    assert 20 <= counts[registered.swap_version] <= 60, counts
+
+    # Aborting the canary (what `rayship models abort-canary` deploys) ends it.
+    url = endpoint(
+        registered, port, churn(registered), expect={"churn": (registered.good_version, None)}
+    )
+    assert {predict_http(url, "churn", [GOOD])["model_version"] for _ in range(20)} == {
+        registered.good_version
+    }
+
+
+def test_promote_under_steady_load_fails_no_request(registered, port):
+    url = endpoint(
+        registered, port, churn(registered), expect={"churn": (registered.good_version, None)}
+    )
+    before = replica_ids()
+    answers: list[tuple[float, int, str | None]] = []
+    stop = threading.Event()
+
+    def client():
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                resp = http.post(f"{url}/v1/models/churn:predict", json={"instances": [GOOD] * 8})
+                version = resp.json().get("model_version") if resp.status_code == 200 else None
+                answers.append((time.monotonic(), resp.status_code, version))
+
+    threads = [threading.Thread(target=client) for _ in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)
+        # What `rayship models promote churn 3` deploys: the ref moves, nothing else changes.
+        endpoint(
+            registered,
+            port,
+            churn(registered, ref=registered.swap_version),
+            expect={"churn": (registered.swap_version, None)},
+        )
+        swapped = time.monotonic()
+        time.sleep(1.5)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    statuses = Counter(status for _, status, _ in answers)
+    assert statuses == {200: len(answers)}, statuses
+    assert len(answers) > 50
+    versions = [v for _, _, v in answers]
+    assert versions[0] == registered.good_version
+    assert {v for at, _, v in answers if at > swapped + 0.5} == {registered.swap_version}
+    assert replica_ids() == before  # reconfigured in place, not restarted
+
+
+def test_an_overload_burst_gets_503_with_retry_after_then_the_endpoint_recovers(registered, port):
+    # One request at a time per replica, two more may wait at the proxy: the rest are shed.
+    tight = SPEC.model_copy(
+        update={"max_batch_size": 1, "target_ongoing_requests": 0.5, "max_queued_requests": 2}
+    )
+    url = endpoint(registered, port, churn(registered, serve=tight))
+    heavy = {"instances": [GOOD] * 2000}  # ~10 ms of validation each: the queue fills
+
+    def send(_):
+        resp = httpx.post(f"{url}/v1/models/churn:predict", json=heavy, timeout=60)
+        return resp.status_code, resp.headers.get("retry-after")
+
+    with ThreadPoolExecutor(48) as pool:
+        results = list(pool.map(send, range(96)))
+    codes = Counter(code for code, _ in results)
+    assert codes[503] > 0 and codes[200] > 0 and set(codes) == {200, 503}, codes
+    assert {after for code, after in results if code == 503} == {"1"}
+    # The burst is over: every request is served again.
+    assert all(send(i)[0] == 200 for i in range(5))
+
+
+def test_a_version_failing_its_checksum_is_not_deployed_and_the_old_one_serves_on(registered, port):
+    url = endpoint(
+        registered, port, churn(registered), expect={"churn": (registered.good_version, None)}
+    )
+    with pytest.raises(DeployError, match="sha256"):
+        endpoint(
+            registered,
+            port,
+            churn(registered, ref=registered.tampered_version),
+            expect={"churn": (registered.tampered_version, None)},
+        )
+    assert predict_http(url, "churn", [GOOD])["model_version"] == registered.good_version
+    # ... and Serve's record of the endpoint is the config that serves it (rolled back).
+    assert models_of(deployed_config())[0]["ref"] == "production"
