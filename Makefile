@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench clean kind-up minikube-up k8s-deploy k8s-down
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,3 +34,20 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) .rayship
+
+# Kubernetes (docs/kubernetes.md): a local cluster with the KubeRay operator and the
+# image, then the manifests for SPEC (overlay OVERLAY) applied and followed.
+SPEC ?= examples/breast_cancer.yaml
+OVERLAY ?= local
+
+kind-up:
+	bash cluster/scripts/kind-up.sh
+
+minikube-up:
+	bash cluster/scripts/minikube-up.sh
+
+k8s-deploy: setup
+	$(BIN)/rayship deploy $(SPEC) --overlay $(OVERLAY) --watch
+
+k8s-down:
+	$(BIN)/rayship render $(SPEC) --overlay $(OVERLAY) | kubectl delete --ignore-not-found -f -

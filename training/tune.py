@@ -225,6 +225,14 @@ def latest_search(state_dir: Path, name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
+def storage_root(state_dir: Path) -> str:
+    """Where a new search keeps its trials: ``RAYSHIP_STORAGE_PATH`` when set (an
+    ``s3://`` URI every node of a Kubernetes cluster reaches; the manifests set it),
+    else ``<state>/searches``. ``resume`` looks only under ``<state>/searches``."""
+    remote = os.environ.get("RAYSHIP_STORAGE_PATH", "").rstrip("/")
+    return remote or str((state_dir / "searches").resolve())
+
+
 def run_search(
     spec: Spec,
     ctx: TrialContext,
@@ -277,7 +285,7 @@ def run_search(
             ),
             run_config=tune.RunConfig(
                 name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
-                storage_path=str(searches),
+                storage_path=storage_root(state_dir),
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
                 callbacks=[mlflow_cb, *(callbacks or [])],

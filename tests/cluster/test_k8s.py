@@ -317,3 +317,16 @@ def test_quantities():
     assert k8s.quantity("500m") == 0.5
     assert k8s.quantity(2) == 2.0
     assert k8s.quantity("1.5") == 1.5
+
+
+def test_tune_storage_follows_the_manifests_env(monkeypatch, tmp_path):
+    """The RayJob's containers get RAYSHIP_STORAGE_PATH (rayship-env); Tune uses it."""
+    from training.tune import storage_root
+
+    monkeypatch.delenv("RAYSHIP_STORAGE_PATH", raising=False)
+    assert storage_root(tmp_path) == str((tmp_path / "searches").resolve())
+    monkeypatch.setenv("RAYSHIP_STORAGE_PATH", "s3://rayship/searches/")
+    assert storage_root(tmp_path) == "s3://rayship/searches"
+    for overlay in k8s.OVERLAYS:
+        env = k8s.overlay_env(k8s.kustomize(overlay))
+        assert env["RAYSHIP_STORAGE_PATH"].startswith("s3://")
