@@ -28,6 +28,7 @@ def _fail(message: str) -> None:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from cluster.k8s import K8sError
     from cluster.local import ClusterError
     from services.deploy import DeployError, PredictError
     from training.data import DataError
@@ -37,6 +38,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from training.tune import SearchError
 
     return (
+        K8sError,
         SpecError,
         DataError,
         ExportError,
@@ -261,15 +263,30 @@ def models_list(
 def models_promote(
     name: Annotated[str, typer.Argument(help="registered model name")],
     version: Annotated[int, typer.Argument(min=1, help="version number to move `production` to")],
+    kubernetes: Annotated[
+        bool, typer.Option(help="also switch the model's RayService (current kube context)")
+    ] = False,
+    namespace: Annotated[str, typer.Option(help="namespace of the RayService")] = "rayship",
 ) -> None:
     """Move the `production` alias to VERSION; a local endpoint serving NAME switches to it
-    in place (no restart, no failed request), and a canary of NAME ends."""
+    in place (no restart, no failed request), and a canary of NAME ends. With
+    --kubernetes, the RayService's serveConfigV2 is patched the same way."""
     from training import registry
 
     uri = _tracking_uri()
     registry.load_artifact(uri, name, str(version))  # exists and passes its checksum
     registry.set_alias(uri, name, registry.PRODUCTION, str(version))
     console.print(f"{name}: production → version {version}")
+    if kubernetes:
+        from cluster import k8s
+        from cluster.k8s_apply import promote_rayservice
+
+        service = k8s.resource_name(name, "serve")
+        promote_rayservice(name, str(version), namespace=namespace, service=service)
+        console.print(
+            f"RayService {namespace}/{service}: serveConfigV2 now serves version {version}"
+        )
+        return
     _update_live(name, ref=str(version), canary=None)
 
 
@@ -493,6 +510,9 @@ def status() -> None:
     console.print(
         f"cluster at {st.address}: {st.alive_nodes} alive node(s), {st.cpus_total:g} CPUs"
     )
+    info = local.info(STATE)
+    if info is not None and info.dashboard:
+        console.print(f"dashboard (and `serve deploy -a`): {info.dashboard}")
     console.print(table)
 
 

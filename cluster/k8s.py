@@ -498,8 +498,9 @@ def rayservice_state(obj: dict[str, Any]) -> State:
 
 
 def promoted_serve_config(text: str, model: str, version: str) -> str:
-    """serveConfigV2 ``text`` with ``model``'s ref set to ``version``: only user_config
-    changes, so Serve reconfigures the running replicas (no new cluster, no restart)."""
+    """serveConfigV2 ``text`` with ``model``'s ref set to ``version`` and its canary
+    ended (as a local promote does): only user_config changes, so Serve reconfigures the
+    running replicas (no new cluster, no restart)."""
     from services.serve_config import dump, load, models_of, with_models
 
     config = load(text)
@@ -507,5 +508,7 @@ def promoted_serve_config(text: str, model: str, version: str) -> str:
     if not any(m.get("name") == model for m in entries):
         served = ", ".join(m.get("name", "?") for m in entries) or "none"
         raise K8sError(f"model {model!r} is not served by this RayService (it serves: {served})")
-    updated = [{**m, "ref": str(version)} if m.get("name") == model else m for m in entries]
+    updated = [
+        {**m, "ref": str(version), "canary": None} if m.get("name") == model else m for m in entries
+    ]
     return dump(with_models(config, updated))

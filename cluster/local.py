@@ -97,6 +97,7 @@ class ClusterInfo:
     boot_id: str
     started_at: float
     startup_seconds: float = 0.0
+    dashboard: str = ""  # the dashboard's URL (Serve's REST API: `serve deploy -a URL`)
 
     def driver_env(self) -> dict[str, str]:
         """Environment variables a separate driver or the `ray` CLI needs for this cluster.
@@ -261,7 +262,12 @@ def up(
             _write_info(info)  # from here on, `down` can clean up even if `up` dies
             _wait_ray_start(starts[0], "head")
             address = (Path(temp_dir) / "ray_current_cluster").read_text().strip()
-            info = _replace(info, address=address, node_ip=address.rsplit(":", 1)[0])
+            info = _replace(
+                info,
+                address=address,
+                node_ip=address.rsplit(":", 1)[0],
+                dashboard=f"http://127.0.0.1:{dashboard_port}",
+            )
             _write_info(info)
             query = _start_gcs_query(info, expect_nodes=nodes, timeout_s=START_TIMEOUT_S)
             for i, p in enumerate(starts[1:], start=1):
@@ -304,6 +310,11 @@ def down(state_dir: Path = DEFAULT_STATE_DIR) -> bool:
         return _teardown(info)
 
 
+def info(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterInfo | None:
+    """What `up()` recorded for the cluster of `state_dir` (None if none), running or not."""
+    return _read_info(Path(state_dir).resolve())
+
+
 def status(state_dir: Path = DEFAULT_STATE_DIR) -> ClusterStatus | None:
     """Live status of the cluster recorded in `state_dir`, or None if none is recorded or running.
 
@@ -327,7 +338,8 @@ def connect(state_dir: Path = DEFAULT_STATE_DIR, **init_kwargs: Any) -> str:
     that cluster's address). If the cluster recorded in `state_dir` is running,
     connect to it: this sets `RAY_AUTH_MODE` and
     `RAY_AUTH_TOKEN_PATH` in `os.environ` (and removes `RAY_AUTH_TOKEN`, which Ray
-    would prefer), so Ray processes this one starts later inherit them. Otherwise
+    would prefer), so Ray processes this one starts later inherit them. Else, with
+    `RAY_ADDRESS` set (Ray Jobs set it for their entrypoint), connect there. Otherwise
     start a private in-process Ray (`address="local"`, so neither `RAY_ADDRESS` nor
     /tmp/ray's last cluster is picked up) with its dashboard (Ray Train's state
     API); Ray then turns on token auth and creates `~/.ray/auth_token` if missing.
@@ -352,6 +364,10 @@ def connect(state_dir: Path = DEFAULT_STATE_DIR, **init_kwargs: Any) -> str:
         _use_auth_in_this_process(running)
         ray.init(address=running.address, **init_kwargs)
         return _describe_connected(ray, running)
+
+    if os.environ.get("RAY_ADDRESS"):  # a Ray Job's entrypoint (e.g. the RayJob's `rayship tune`)
+        ray.init(address=os.environ["RAY_ADDRESS"], **init_kwargs)
+        return _describe_connected(ray, None)
 
     ray.init(address="local", **init_kwargs)
     return _describe_connected(ray, None)

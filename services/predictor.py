@@ -24,6 +24,7 @@ refuse bad input per request and still batch the good ones into one run.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -108,6 +109,8 @@ class OnnxPredictor:
         self.features: list[dict[str, Any]] = list(schema["features"])
         self.names: list[str] = [f["name"] for f in self.features]
         self.numeric = [f["dtype"] == "float" for f in self.features]
+        self.all_numeric = all(self.numeric)
+        self._getter = operator.itemgetter(*self.names)
         self._index = {n: i for i, n in enumerate(self.names)}
         self.classes: list[Any] | None = schema.get("classes")
 
@@ -160,6 +163,9 @@ class OnnxPredictor:
                 "instances: expected at least one instance",
                 [problem("instances", "a non-empty list", "[]")],
             )
+        fast = self._numeric_feeds(instances) if self.all_numeric else None
+        if fast is not None:
+            return fast
         n, width = len(instances), len(self.names)
         columns: list[list[Any]] = [[None] * n for _ in range(width)]
         problems: list[dict[str, Any]] = []
@@ -231,6 +237,40 @@ class OnnxPredictor:
             ).reshape(-1, 1)
             for name, col, numeric in zip(self.names, columns, self.numeric, strict=True)
         }
+
+    def _numeric_feeds(self, instances: list[Any]) -> dict[str, np.ndarray] | None:
+        """The feeds of an all-numeric model's rows in one numpy conversion, or None
+        when the rows need the cell-by-cell check (nulls, strings, wrong widths, objects
+        with other keys): that path then finds and names any problem. Lists in feature
+        order go straight to numpy; objects are read in feature order first."""
+        width = len(self.names)
+        first = instances[0]
+        if isinstance(first, dict):
+            get = self._getter
+            try:
+                rows = [get(row) for row in instances if len(row) == width]
+            except (KeyError, TypeError):
+                return None
+            if len(rows) != len(instances):
+                return None
+            if width == 1:
+                rows = [[v] for v in rows]
+        elif isinstance(first, list):
+            rows = instances
+        else:
+            return None
+        try:
+            array = np.asarray(rows)
+        except (ValueError, TypeError):  # ragged rows
+            return None
+        if array.ndim != 2 or array.shape[1] != width or array.dtype.kind not in "fiub":
+            return None
+        if array.dtype.kind == "f" and not (np.abs(array[~np.isnan(array)]) <= _F32_MAX).all():
+            return None  # out of float32 range: named by the checked path
+        if array.dtype.kind in "iu" and not (np.abs(array) <= _F32_MAX).all():
+            return None
+        columns = array.astype(np.float32)
+        return {name: columns[:, j : j + 1] for j, name in enumerate(self.names)}
 
     def check_options(self, return_probabilities: bool) -> None:
         """Refuse request options the model cannot honour (probabilities of a regression)."""

@@ -25,7 +25,7 @@ from training.models import TORCH_DEFAULTS, build_mlp
 from training.preprocess import Preprocessor, fit_preprocessor
 from training.spec import Spec, spec_to_yaml
 from training.train import TrialContext, family_params
-from training.tune import SearchResult, run_search
+from training.tune import SearchResult, run_search, storage_root
 
 
 @dataclass
@@ -186,7 +186,7 @@ def search_and_register(
         seed=spec.data.seed,
         models=[m.model_dump() for m in spec.models],
         cpus_per_trial=spec.search.cpus_per_trial,
-        storage_path=str((state_dir / "train").resolve()),
+        storage_path=storage_root(state_dir, "train"),
         data_refs={k: ray.put(v) for k, v in prep.arrays.items()},
     )
     registry.ensure_experiment(uri, f"{spec.name}-search")

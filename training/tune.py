@@ -225,12 +225,15 @@ def latest_search(state_dir: Path, name: str) -> Path | None:
     return runs[-1] if runs else None
 
 
-def storage_root(state_dir: Path) -> str:
-    """Where a new search keeps its trials: ``RAYSHIP_STORAGE_PATH`` when set (an
-    ``s3://`` URI every node of a Kubernetes cluster reaches; the manifests set it),
-    else ``<state>/searches``. ``resume`` looks only under ``<state>/searches``."""
+def storage_root(state_dir: Path, kind: str = "searches") -> str:
+    """Where a new search keeps its trials (``kind`` "searches") or Ray Train its
+    checkpoints ("train"): under ``RAYSHIP_STORAGE_PATH`` when set (an ``s3://`` URI
+    every node of a Kubernetes cluster reaches; the manifests set it), else under
+    ``<state>``. ``resume`` looks only under ``<state>/searches``."""
     remote = os.environ.get("RAYSHIP_STORAGE_PATH", "").rstrip("/")
-    return remote or str((state_dir / "searches").resolve())
+    if remote:
+        return remote if kind == "searches" else f"{remote}/{kind}"
+    return str((state_dir / kind).resolve())
 
 
 def run_search(

@@ -104,6 +104,94 @@ def test_a_second_run_that_does_not_beat_production_keeps_serving_it(run, workdi
     assert reply["version"] == "1"
 
 
+def test_write_config_is_the_config_serve_deploy_runs(run, workdir):
+    """`rayship serve --write-config` writes the generator's bytes, and Ray's own
+    `serve deploy FILE` runs them: here a 50% canary of version 1 on itself."""
+    import yaml
+
+    from cluster import local
+    from services.serve_config import ServedModel, dump, serve_config
+    from training.registry import tracking_uri
+    from training.spec import load_spec
+
+    out, port = run
+    done = rayship(
+        "serve", "breast_cancer/1", "--port", str(port), "--canary", "1",
+        "--canary-weight", "0.5", "--write-config", "endpoint.yaml", cwd=workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    text = (workdir / "endpoint.yaml").read_text()
+    spec = load_spec(ROOT / "examples" / "breast_cancer.yaml")
+    model = ServedModel(
+        name="breast_cancer", ref="1", serve=spec.serve, canary_ref="1", canary_weight=0.5
+    )
+    uri = tracking_uri(workdir / ".rayship")
+    assert text == dump(serve_config([model], tracking_uri=uri, port=port))
+
+    info = local.info(workdir / ".rayship")
+    deployed = subprocess.run(
+        [
+            str(Path(sys.executable).parent / "serve"),
+            "deploy",
+            "endpoint.yaml",
+            "-a",
+            info.dashboard,
+        ],
+        cwd=workdir,
+        env={**os.environ, **info.driver_env()},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert deployed.returncode == 0, deployed.stdout + deployed.stderr
+    from services.deploy import wait_ready
+
+    meta = wait_ready(f"http://127.0.0.1:{port}", "breast_cancer", ("1", "1"), timeout=60)
+    assert meta["canary"] == {"version": "1", "weight": 0.5}
+    assert yaml.safe_load(text)["applications"][0]["deployments"][0]["user_config"]["models"][0][
+        "canary"
+    ] == {"ref": "1", "weight": 0.5}
+
+
+def test_canary_then_promote_moves_the_live_endpoint(run, workdir, tmp_path):
+    out, port = run
+    url = f"http://127.0.0.1:{port}"
+    spec = yaml_spec_without_production_gate(tmp_path)
+    done = rayship("tune", str(spec), "--num-samples", "1", cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "registered breast_cancer version 2 as candidate" in done.stdout
+
+    done = rayship(
+        "serve", "breast_cancer", "--port", str(port), "--canary", "2",
+        "--canary-weight", "0.5", cwd=workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    body = {"instances": [[0.0] * 30]}
+    versions = [
+        httpx.post(f"{url}/v1/models/breast_cancer:predict", json=body, timeout=10).json()[
+            "model_version"
+        ]
+        for _ in range(20)
+    ]
+    assert set(versions) == {"1", "2"} and 5 <= versions.count("2") <= 15, versions
+
+    done = rayship("models", "promote", "breast_cancer", "2", cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "live at" in done.stdout and "version 2" in done.stdout
+    meta = httpx.get(f"{url}/v1/models/breast_cancer", timeout=10).json()
+    assert meta["version"] == "2" and meta["canary"] is None
+
+
+def yaml_spec_without_production_gate(folder: Path) -> Path:
+    import yaml
+
+    raw = yaml.safe_load((ROOT / "examples" / "breast_cancer.yaml").read_text())
+    raw["gate"]["must_beat_production"] = False
+    path = folder / "breast_cancer.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
 def test_down_stops_the_cluster_and_the_endpoint(run, workdir):
     out, port = run
     done = rayship("down", cwd=workdir, timeout=120)

@@ -114,3 +114,70 @@ def test_serving_modules_import_neither_torch_nor_sklearn():
         "bad = {'torch', 'sklearn', 'skl2onnx'} & set(sys.modules); assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def numeric_predictor():
+    """An all-numeric model (breast_cancer, 30 features): its rows take the one-conversion path."""
+    import numpy as np
+
+    from training import export
+    from training.data import load_splits
+    from training.models import make_estimator
+    from training.preprocess import fit_preprocessor
+    from training.spec import parse_spec
+
+    spec = parse_spec(
+        {
+            "name": "bc",
+            "task": "classification",
+            "data": {"source": "sklearn:breast_cancer", "target": "target"},
+            "metric": "roc_auc",
+            "models": [{"type": "sklearn", "estimator": "sklearn.linear_model.LogisticRegression"}],
+        }
+    )
+    splits = load_splits(spec.data, spec.task)
+    pre = fit_preprocessor(spec.preprocess, splits.schema, splits.X_train)
+    feats = pre.transform(splits.X_train)
+    y = np.array([splits.schema.classes.index(c) for c in splits.y_train])
+    est = make_estimator("sklearn.linear_model.LogisticRegression", {}, 0).fit(feats, y)
+    graph = export.assemble(
+        pre, export.sklearn_model_graph(est, feats.shape[1], spec.task), splits.schema
+    )
+    return OnnxPredictor(graph, splits.schema.to_dict(), "bc", "1"), splits.X_test
+
+
+def test_all_numeric_rows_take_one_conversion_with_the_same_answers(numeric_predictor):
+    predictor, X = numeric_predictor
+    assert predictor.all_numeric
+    lists = X.to_numpy().tolist()
+    objects = X.to_dict(orient="records")
+    fast = predictor.feeds(lists)
+    assert predictor.feeds(objects).keys() == fast.keys()
+    predictor.all_numeric = False  # the cell-by-cell path, for reference
+    try:
+        checked = predictor.feeds(lists)
+    finally:
+        predictor.all_numeric = True
+    for name in predictor.names:
+        assert fast[name].dtype == checked[name].dtype and fast[name].shape == checked[name].shape
+        assert (fast[name] == checked[name]).all()
+    assert predictor.predict(lists) == predictor.predict(objects)
+    with_null = [[None] + row[1:] for row in lists[:2]]  # null: missing, still served
+    assert len(predictor.predict(with_null)["predictions"]) == 2
+
+
+@pytest.mark.parametrize(
+    ("cell", "got"), [("1.5", "string"), (1e39, "number"), (True, None)], ids=["str", "big", "bool"]
+)
+def test_all_numeric_rows_are_still_checked_cell_by_cell(numeric_predictor, cell, got):
+    predictor, X = numeric_predictor
+    row = X.to_numpy().tolist()[0]
+    if got is None:  # a boolean is a number, as on the checked path
+        assert predictor.feeds([[cell] + row[1:]])[predictor.names[0]][0, 0] == 1.0
+        return
+    with pytest.raises(BadInput) as info:
+        predictor.feeds([row, [cell] + row[1:]])
+    problem = info.value.details[0]
+    assert (problem["field"], problem["row"]) == (predictor.names[0], 1)
+    assert problem["got"].startswith(got)
