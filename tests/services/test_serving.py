@@ -24,7 +24,7 @@ SPEC = ServeSpec(
     max_replicas=1,
     cpus_per_replica=0.5,
     max_batch_size=16,
-    batch_wait_timeout_s=0.002,
+    batch_wait_timeout_s=0.02,  # long enough that concurrent requests share a batch
     max_request_bytes=64 * 1024,
 )
 
@@ -383,6 +383,58 @@ def test_metrics_reach_rays_prometheus_endpoint(endpoint, registered, metrics_po
         missing = {k for k in missing if not re.search(wanted[k], text)}
         time.sleep(1)
     assert not missing, f"metrics not exported: {sorted(missing)}"
+
+
+def _scrape(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def _histogram(text: str, name: str, le: str) -> tuple[float, float]:
+    """(observations at or below ``le``, all observations) of histogram ``name`` for the
+    churn model, summed over replicas and versions."""
+    import re
+
+    below = count = 0.0
+    for line in text.splitlines():
+        metric, _, rest = line.partition("{")
+        if metric not in (f"{name}_bucket", f"{name}_count"):
+            continue
+        labels_text, _, value = rest.rpartition("} ")
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', labels_text))
+        if labels.get("model") != "churn":
+            continue
+        if metric.endswith("_count"):
+            count += float(value)
+        elif labels.get("le") == le:
+            below += float(value)
+    return below, count
+
+
+def test_requests_of_one_and_many_rows_share_one_graph_run(
+    endpoint, registered, offline, metrics_port
+):
+    """Concurrent 1-row and 25-row requests: each gets its own rows back, and some graph
+    run held more than 32 rows, which only a batch of several requests can."""
+    import time
+
+    X = registered.X_test
+    chunks = [((7 * i) % (len(X) - 25), 1 if i % 2 else 25) for i in range(16)]
+    with ThreadPoolExecutor(16) as pool:
+        outs = list(
+            pool.map(
+                lambda c: predict_http(endpoint, registered.name, rows_of(X[c[0] : c[0] + c[1]])),
+                chunks,
+            )
+        )
+    for (start, n), out in zip(chunks, outs, strict=True):
+        assert out["predictions"] == offline[0][start : start + n].tolist()
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        below, count = _histogram(_scrape(metrics_port), "ray_rayship_batch_rows", "32.0")
+        if count > below:
+            break
+        time.sleep(1)
+    assert count > below, f"no graph run of more than 32 rows among {count}"
 
 
 def test_the_spec_route_names_the_model_for_clients(endpoint, registered):
