@@ -65,7 +65,7 @@ class ServedModel:
 
     def user_config(self) -> dict[str, Any]:
         canary = (
-            {"ref": str(self.canary_ref), "weight": self.canary_weight}
+            {"ref": str(self.canary_ref), "weight": float(self.canary_weight)}
             if self.canary_ref is not None
             else None
         )
@@ -74,14 +74,16 @@ class ServedModel:
             "route": self.client_route,
             "ref": str(self.ref),
             "canary": canary,
-            "max_batch_size": self.serve.max_batch_size,
-            "batch_wait_timeout_s": self.serve.batch_wait_timeout_s,
-            "max_request_bytes": self.serve.max_request_bytes,
+            "max_batch_size": int(self.serve.max_batch_size),
+            "batch_wait_timeout_s": float(self.serve.batch_wait_timeout_s),
+            "max_request_bytes": int(self.serve.max_request_bytes),
         }
 
 
 def deployment_options(specs: list[ServeSpec]) -> dict[str, Any]:
-    """Replica options for the endpoint's deployment from every model's serve section.
+    """Replica options for the endpoint's deployment from every model's serve section
+    (numbers typed as the spec types them, so the YAML bytes do not depend on whether a
+    spec said ``8`` or ``8.0``).
 
     - ``initial_replicas`` is at least 1, even with ``min_replicas: 0``, so artifacts are
       loaded (and checksums verified) at deploy time and the first request finds a warm
@@ -92,8 +94,8 @@ def deployment_options(specs: list[ServeSpec]) -> dict[str, Any]:
     - Beyond ``max_queued_requests`` waiting at the proxy, Serve answers 503 with
       ``Retry-After`` at once (``backpressure_config``).
     """
-    min_replicas = max(s.min_replicas for s in specs)
-    target = min(s.target_ongoing_requests for s in specs)
+    min_replicas = int(max(s.min_replicas for s in specs))
+    target = float(min(s.target_ongoing_requests for s in specs))
     return {
         "name": DEPLOYMENT,
         "max_ongoing_requests": max(max(s.max_batch_size for s in specs), math.ceil(2 * target)),
@@ -102,10 +104,10 @@ def deployment_options(specs: list[ServeSpec]) -> dict[str, Any]:
         "autoscaling_config": {
             "min_replicas": min_replicas,
             "initial_replicas": max(1, min_replicas),
-            "max_replicas": max(s.max_replicas for s in specs),
+            "max_replicas": int(max(s.max_replicas for s in specs)),
             "target_ongoing_requests": target,
         },
-        "ray_actor_options": {"num_cpus": max(s.cpus_per_replica for s in specs)},
+        "ray_actor_options": {"num_cpus": float(max(s.cpus_per_replica for s in specs))},
     }
 
 
