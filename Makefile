@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean kind-up minikube-up k8s-deploy k8s-down
+.PHONY: setup demo test lint bench clean kind-up minikube-up k8s-deploy k8s-down bench-serving
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,26 @@ lint: setup
 
 bench: setup
 	$(BIN)/python benchmarks/trial_overhead.py --out benchmarks/results/trial_overhead.json
+
+# Serving benchmark (benchmarks/serving.py; ARGS=--quick for a smoke run). BentoML gets
+# its own venv: installed beside Ray Serve it would change versions Serve needs. 1.4.39:
+# 1.4.40 requires a certifi newer than the package index here serves.
+BENTO_VENV := benchmarks/.venv-bentoml
+BENTO_STAMP := $(BENTO_VENV)/.installed
+
+$(BENTO_STAMP): | $(STAMP)
+	test -x $(BENTO_VENV)/bin/python || $(PYTHON) -m venv $(BENTO_VENV)
+	$(BENTO_VENV)/bin/pip install --quiet --upgrade pip
+	$(BENTO_VENV)/bin/pip install --quiet torch==2.13.0
+	$(BENTO_VENV)/bin/pip install --quiet bentoml==1.4.39 \
+		scikit-learn==$$($(BIN)/python -c 'import sklearn; print(sklearn.__version__)') \
+		numpy==$$($(BIN)/python -c 'import numpy; print(numpy.__version__)')
+	touch $(BENTO_STAMP)
+
+bench-serving: setup $(BENTO_STAMP)
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
+		|| echo "no wrk: the Python load generator of benchmarks/serving_load.py is used"
+	$(BIN)/python benchmarks/serving.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .rayship

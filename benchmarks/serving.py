@@ -30,6 +30,11 @@ uvicorn and Ray Serve endpoints (``benchmarks/peers/probe_app.py``,
 
     .venv/bin/python benchmarks/serving.py [--quick] [--models hgb,mlp]
         [--servers rayship,mlflow,bentoml,fastapi] [--out-dir benchmarks/results]
+        [--rayship-replicas N] [--rayship-env KEY=VALUE ...]
+
+``--rayship-env`` passes environment to ``rayship up``/``serve`` (and so to every
+Ray process), e.g. Ray Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, to try a
+setting before building it into rayship.
 
 Writes ``serving.json``, ``serving.md`` and ``serving.png`` (``--quick``:
 ``serving-quick.*``) under ``--out-dir``; scratch state goes to
@@ -751,8 +756,11 @@ def serve_probes(url: str, model: Model, cfg: argparse.Namespace, log) -> dict[s
     """One-at-a-time round trips to rayship and to trivial Serve apps on its cluster."""
     out: dict[str, Any] = {}
     base = url.split("/v1/")[0]
+    time.sleep(3)  # let the replicas settle after the load
     for n in cfg.rows:
         out[f"rayship_{n}"] = load.sequential(url, model.body(n), cfg.probe_n)
+    # GET metadata: rayship's deployment and ingress without body, batching or the graph.
+    out["rayship_metadata"] = load.sequential(f"{base}/v1/models/{model.name}", None, cfg.probe_n)
     deploy = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "peers" / "serve_probe.py")],
         cwd=SCRATCH,
@@ -765,11 +773,11 @@ def serve_probes(url: str, model: Model, cfg: argparse.Namespace, log) -> dict[s
         out["serve_probe_error"] = (deploy.stdout + deploy.stderr)[-800:]
         log(f"  serve probes failed to deploy: {out['serve_probe_error'][-300:]}")
         return out
-    for name in ("plain", "ingress", "batched"):
+    time.sleep(5)  # replicas just started: let their start-up work finish first
+    for name in ("plain", "ingress", "batched", "configured"):
+        path = f"/probe-{name}" + ("" if name == "plain" else "/call")  # see serve_probe.py
         for n in cfg.rows:
-            out[f"serve_{name}_{n}"] = load.sequential(
-                f"{base}/probe-{name}", model.body(n), cfg.probe_n
-            )
+            out[f"serve_{name}_{n}"] = load.sequential(base + path, model.body(n), cfg.probe_n)
     log("  rayship time-split probes done")
     return out
 

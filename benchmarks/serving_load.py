@@ -108,22 +108,30 @@ def _parse(stdout: str, stderr: str) -> dict:
     raise RuntimeError(f"load generator gave no result: {stdout[-500:]} {stderr[-500:]}")
 
 
-def sequential(url: str, body: bytes, n: int, warmup: int = 20) -> dict:
-    """``n`` requests one after another on one keep-alive connection: latency in ms."""
+def sequential(url: str, body: bytes | None, n: int, warmup: int = 20) -> dict:
+    """``n`` requests one after another on one keep-alive connection: latency in ms.
+
+    A POST of ``body``, or a GET when ``body`` is None."""
     parts = urlsplit(url)
     conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=30)
     headers = {"Content-Type": "application/json"}
     times = []
     errors = 0
+    first_error = ""
     try:
         for i in range(warmup + n):
             t0 = time.perf_counter()
-            conn.request("POST", parts.path, body, headers)
+            if body is None:
+                conn.request("GET", parts.path)
+            else:
+                conn.request("POST", parts.path, body, headers)
             resp = conn.getresponse()
-            resp.read()
+            data = resp.read()
             if i >= warmup:
                 times.append((time.perf_counter() - t0) * 1000)
-                errors += resp.status >= 400
+                if not 200 <= resp.status < 300:
+                    errors += 1
+                    first_error = first_error or f"HTTP {resp.status}: {data[:200]!r}"
     finally:
         conn.close()
     times.sort()
@@ -133,6 +141,7 @@ def sequential(url: str, body: bytes, n: int, warmup: int = 20) -> dict:
         "p90_ms": times[int(0.9 * (len(times) - 1))],
         "mean_ms": statistics.fmean(times),
         "errors": errors,
+        **({"first_error": first_error} if errors else {}),
     }
 
 

@@ -102,7 +102,15 @@ def _split_rows(split: dict[str, Any], rows: list[int]) -> list[str]:
         ("HTTP: trivial Serve deployment", lambda n: get("serve_plain", n)),
         ("HTTP: trivial Serve deployment, FastAPI ingress", lambda n: get("serve_ingress", n)),
         ("HTTP: … + `@serve.batch` no-op (64, 5 ms)", lambda n: get("serve_batched", n)),
-        ("**HTTP: rayship endpoint**", lambda n: get("rayship", n)),
+        (
+            "HTTP: … + rayship's deployment options (autoscaling 1..1, queue limits)",
+            lambda n: get("serve_configured", n),
+        ),
+        (
+            "HTTP: rayship endpoint, `GET /v1/models/{name}` (no body, no batch)",
+            lambda n: (split.get("rayship_metadata") or {}).get("p50_ms"),
+        ),
+        ("**HTTP: rayship endpoint, predict**", lambda n: get("rayship", n)),
     ]
     for label, fn in spec:
         lines.append(f"| {label} | " + " | ".join(_f(fn(n), 3) for n in rows) + " |")
@@ -125,8 +133,14 @@ def _split_rows(split: dict[str, Any], rows: list[int]) -> list[str]:
             lambda n: diff(lambda m: get("serve_batched", m), lambda m: get("serve_ingress", m), n),
         ),
         (
-            "model work in the replica (rayship − batched no-op)",
-            lambda n: diff(lambda m: get("rayship", m), lambda m: get("serve_batched", m), n),
+            "autoscaling + queue-limit options (configured − batched)",
+            lambda n: diff(
+                lambda m: get("serve_configured", m), lambda m: get("serve_batched", m), n
+            ),
+        ),
+        (
+            "rayship's predict path beyond Serve's (rayship − configured no-op)",
+            lambda n: diff(lambda m: get("rayship", m), lambda m: get("serve_configured", m), n),
         ),
         (
             "all of Ray Serve (rayship − same code under plain uvicorn)",
@@ -239,7 +253,7 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "## Where a rayship request's time goes",
         "",
         "Median milliseconds. In-process rows: rayship's replica code "
-        "(`services.app.parse_v1`, `services.predictor.OnnxPredictor`) timed step by "
+        "(`parse_v1`, `services.predictor.OnnxPredictor`) timed step by "
         "step in the benchmark process. HTTP rows: round trips one at a time on one "
         "keep-alive connection from a Python client (its own cost, about the same in "
         "every row, is inside each number), to a plain one-process uvicorn app "
@@ -262,7 +276,11 @@ def markdown(result: dict[str, Any], png: str) -> str:
             + " |"
         )
         out += _split_rows(split, rows)
-        errs = [f"{k}: {v}" for k, v in split.items() if "error" in k]
+        errs = [f"{k}: {v}" for k, v in split.items() if "error" in k] + [
+            f"{k}: {v['errors']} of {v['n']} requests answered non-2xx"
+            for k, v in split.items()
+            if isinstance(v, dict) and v.get("errors")
+        ]
         if errs:
             out += ["", *[f"- {e}" for e in errs]]
         out.append("")
@@ -283,6 +301,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     cells = result["cells"]
     models = list(result["models"])
@@ -341,11 +360,14 @@ def plot(result: dict[str, Any], path: Path) -> None:
                 )
             ax.set_xscale("log")
             ax.set_yscale("log")
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_minor_formatter(NullFormatter())
+                axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
             ax.set_xlabel("p99 latency (ms)")
             ax.set_ylabel("requests/s")
             ax.set_title(f"{model}, {n} row{'s' if n > 1 else ''} per request")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=8, loc="lower right")
+            ax.legend(fontsize=8, loc="best")
     fig.suptitle(
         f"Serving on {result['machine']['cores']} cores: throughput against p99 "
         "(closed loop; points are concurrency levels; up and left is better)"
