@@ -191,8 +191,13 @@ def markdown(result: dict[str, Any], png: str) -> str:
         "",
         "## Results",
         "",
-        "| model | rows | concurrency | server | req/s | rows/s | p50 ms | p99 ms | errors |",
-        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+        "The machine is shared (other work may run beside the benchmark): `load` is the "
+        "1-minute load average when the cell started (2 cores; above 2 means something "
+        "else was competing for them).",
+        "",
+        "| model | rows | concurrency | server | req/s | rows/s | p50 ms | p99 ms | errors "
+        "| load |",
+        "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     keyed = sorted(
         cells,
@@ -203,7 +208,7 @@ def markdown(result: dict[str, Any], png: str) -> str:
         out.append(
             f"| {x['model']} | {x['rows']} | {conc} | {x['server']} | {_f(x['rps'])} | "
             f"{_f(x['rows_per_s'], 0)} | {_f(x['p50_ms'], 2)} | {_f(x['p99_ms'], 2)} | "
-            f"{x['errors']} |"
+            f"{x['errors']} | {_f(x.get('loadavg_1m'), 2)} |"
         )
     failures = [
         f"- {server} / {model}: {info['error']}"
