@@ -209,6 +209,7 @@ def _peer_env(model: Model) -> dict[str, str]:
     return env
 
 
+RAYSHIP_SERVE: dict[str, float] = {}  # --rayship-batch-wait S: the spec's batch_wait_timeout_s
 RAYSHIP_ENV: dict[str, str] = {}  # --rayship-env KEY=VALUE: e.g. Ray Serve's tuning switches
 
 
@@ -265,7 +266,7 @@ def _spec(name: str, family: dict, replicas: int):
             "data": {"source": "sklearn:digits", "target": "target"},
             "metric": "accuracy",
             "models": [family],
-            "serve": {"min_replicas": replicas, "max_replicas": replicas},
+            "serve": {"min_replicas": replicas, "max_replicas": replicas, **RAYSHIP_SERVE},
         }
     )
 
@@ -870,6 +871,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="environment for rayship up/serve (e.g. RAY_SERVE_THROUGHPUT_OPTIMIZED=1)",
     )
+    parser.add_argument(
+        "--rayship-batch-wait",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the rayship spec's serve.batch_wait_timeout_s (default: the spec's default)",
+    )
     parser.add_argument("--mlp-epochs", type=int, default=20)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -893,6 +901,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_args(argv)
     RAYSHIP_ENV.update(kv.split("=", 1) for kv in cfg.rayship_env)
+    if cfg.rayship_batch_wait is not None:
+        RAYSHIP_SERVE["batch_wait_timeout_s"] = cfg.rayship_batch_wait
     atexit.register(_cleanup)
     signal.signal(signal.SIGTERM, _on_signal)
     started = time.monotonic()
@@ -941,6 +951,7 @@ def main(argv: list[str] | None = None) -> None:
             "rows": cfg.rows,
             "rayship_replicas": cfg.rayship_replicas,
             "rayship_env": RAYSHIP_ENV,
+            "rayship_serve": RAYSHIP_SERVE,
             "probe_requests": cfg.probe_n,
             "peer_env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         },
