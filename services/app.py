@@ -319,7 +319,7 @@ class ModelServer:
                 old = None
             try:
                 production, canary = await self._versions(entry, old)
-                error = None
+                weight, error = (entry["canary"]["weight"] if canary else 0.0), None
             except Exception as exc:
                 if old is None:
                     raise  # nothing served yet: the deploy fails, nothing is lost
@@ -329,7 +329,7 @@ class ModelServer:
                     "message": f"{type(exc).__name__}: {exc}",
                 }
                 logger.error("%s: keeping version %s: %s", entry["route"], old.versions, exc)
-                production, canary = old.production, old.canary
+                production, canary, weight = old.production, old.canary, old.canary_weight
             if old is not None:
                 infer = old.infer
                 infer.set_max_batch_size(entry["max_batch_size"])
@@ -341,9 +341,6 @@ class ModelServer:
                     entry["batch_wait_timeout_s"],
                     self.metrics,
                 )
-            weight = (entry["canary"] or {}).get("weight", 0.0) if canary else 0.0
-            if error is not None and old is not None:
-                weight = old.canary_weight
             new[entry["route"]] = Served(
                 name=entry["name"],
                 route=entry["route"],

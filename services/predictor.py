@@ -23,6 +23,7 @@ refuse bad input per request and still batch the good ones into one run.
 
 from __future__ import annotations
 
+import json
 import math
 import operator
 from typing import Any
@@ -48,6 +49,24 @@ class BadInput(ValueError):
 
 def problem(field: str, expected: str, got: str, row: int | None = None) -> dict[str, Any]:
     return {"field": field, "row": row, "expected": expected, "got": got}
+
+
+def json_object(body: bytes, expected: str) -> dict[str, Any]:
+    """A request body parsed as a JSON object, or BadInput on field ``body`` saying
+    ``expected``."""
+    try:
+        payload = json.loads(body)
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise BadInput(
+            f"request body is not valid JSON: {exc}",
+            [problem("body", expected, f"invalid JSON ({exc})")],
+        ) from None
+    if not isinstance(payload, dict):
+        raise BadInput(
+            f"request body: expected {expected}",
+            [problem("body", expected, type(payload).__name__)],
+        )
+    return payload
 
 
 def describe(value: Any) -> str:

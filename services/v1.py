@@ -6,29 +6,16 @@ which knows the model's features; this module checks the envelope.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
-from services.predictor import BadInput, problem
+from services.predictor import BadInput, json_object, problem
 
 V1_KEYS = ("instances", "return_probabilities")
 
 
 def parse_v1(body: bytes) -> tuple[Any, bool]:
     """The ``instances`` and ``return_probabilities`` of a V1 predict body, or BadInput."""
-    expected = 'a JSON object {"instances": [...], "return_probabilities": false}'
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadInput(
-            f"request body is not valid JSON: {exc}",
-            [problem("body", expected, f"invalid JSON ({exc})")],
-        ) from None
-    if not isinstance(payload, dict):
-        raise BadInput(
-            f"request body: expected {expected}",
-            [problem("body", expected, type(payload).__name__)],
-        )
+    payload = json_object(body, 'a JSON object {"instances": [...], "return_probabilities": false}')
     unknown = [k for k in payload if k not in V1_KEYS]
     if unknown:
         raise BadInput(

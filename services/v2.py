@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from services.predictor import BadInput, OnnxPredictor, describe, problem
+from services.predictor import BadInput, OnnxPredictor, describe, json_object, problem
 
 HEADER_LENGTH = "inference-header-content-length"
 REQUEST_KEYS = ("id", "parameters", "inputs", "outputs")
@@ -122,7 +122,9 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
                 [problem(HEADER_LENGTH, f"0 to {len(body)}", str(n))],
             )
         body, binary_part = body[:n], body[n:]
-    payload = _json_object(body)
+    payload = json_object(
+        body, 'a JSON object {"inputs": [{"name", "shape", "datatype", "data"}, ...]}'
+    )
     unknown = [k for k in payload if k not in REQUEST_KEYS]
     if unknown:
         raise BadInput(
@@ -173,23 +175,6 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
     return InferRequest(
         None if request_id is None else str(request_id), tensors, outputs, binary, binary_default
     )
-
-
-def _json_object(body: bytes) -> dict[str, Any]:
-    expected = 'a JSON object {"inputs": [{"name", "shape", "datatype", "data"}, ...]}'
-    try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise BadInput(
-            f"request body is not valid JSON: {exc}",
-            [problem("body", expected, f"invalid JSON ({exc})")],
-        ) from None
-    if not isinstance(payload, dict):
-        raise BadInput(
-            f"request body: expected {expected}",
-            [problem("body", expected, type(payload).__name__)],
-        )
-    return payload
 
 
 def _tensor(i: int, spec: Any, binary: bytes, offset: int) -> tuple[str, np.ndarray, int]:
