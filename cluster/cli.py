@@ -522,22 +522,6 @@ k8s_app = typer.Typer(no_args_is_help=True, help="Follow rayship's RayJob and Ra
 app.add_typer(k8s_app, name="k8s")
 
 
-def _k8s(fn):
-    """Like _guard, for the Kubernetes commands: K8sError is one red line too."""
-    import functools
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        from cluster.k8s import K8sError
-
-        try:
-            return fn(*args, **kwargs)
-        except K8sError as exc:
-            _fail(str(exc))
-
-    return _guard(wrapper)
-
-
 Overlay = Annotated[str, typer.Option(help="kustomize overlay: local (kind, minikube) or prod")]
 
 
@@ -552,7 +536,7 @@ def _rendered(spec_path: Path, overlay: str) -> list[dict]:
 
 
 @app.command()
-@_k8s
+@_guard
 def render(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML)")],
     overlay: Overlay = "local",
@@ -574,7 +558,7 @@ def render(
 
 
 @app.command()
-@_k8s
+@_guard
 def deploy(
     source: Annotated[
         Path,
@@ -637,7 +621,7 @@ def _follow_names(names, kinds, namespaces, *, context, logs, timeout) -> None:
 
 
 @k8s_app.command("status")
-@_k8s
+@_guard
 def k8s_status(
     names: Annotated[
         list[str],
