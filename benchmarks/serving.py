@@ -53,7 +53,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -165,9 +164,9 @@ def _spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> 
 
 
 def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    from cluster.local import free_ports  # outside the ephemeral range (see there)
+
+    return free_ports(1)[0]
 
 
 def _wait_http(url: str, proc: subprocess.Popen | None, timeout: float = 240) -> None:

@@ -50,6 +50,7 @@ import contextlib
 import fcntl
 import json
 import os
+import random
 import secrets
 import shutil
 import signal
@@ -58,7 +59,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,7 +216,7 @@ def up(
         ]
         query: subprocess.Popen[str] | None = None
         try:
-            gcs_port, client_port, dashboard_port, *agent_ports = _free_ports(nodes + 3)
+            gcs_port, client_port, dashboard_port, *agent_ports = free_ports(nodes + 3)
             # Ray processes find their own cluster, not another Ray on this machine
             # (Ray's state API refuses to guess when it sees several).
             env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
@@ -679,14 +680,31 @@ def _object_store_bytes(nodes: int) -> int:
     return max(MIN_OBJECT_STORE_BYTES, int(budget / nodes))
 
 
-def _free_ports(n: int) -> list[int]:
-    """`n` distinct ports that were free a moment ago (held together, then released)."""
-    socks = []
+# Ports for Ray's servers come from between Ray's default worker ports (10002-19999)
+# and Linux's ephemeral range (32768 and up): a port the kernel hands out (bind to
+# 0) can be taken by any outgoing connection, or by a Ray worker started with
+# ``--min-worker-port=0``, before the server that was meant to bind it does.
+PORT_RANGE = range(20000, 32768)
+
+
+def free_ports(n: int, exclude: Collection[int] = ()) -> list[int]:
+    """`n` distinct ports in PORT_RANGE that were free a moment ago (held together)."""
+    socks: list[socket.socket] = []
     try:
-        for _ in range(n):
+        for port in random.sample(PORT_RANGE, len(PORT_RANGE)):
+            if len(socks) == n:
+                break
+            if port in exclude:
+                continue
             s = socket.socket()
-            s.bind(("", 0))
+            try:
+                s.bind(("", port))
+            except OSError:
+                s.close()
+                continue
             socks.append(s)
+        if len(socks) < n:
+            raise ClusterError(f"fewer than {n} free TCP ports in {PORT_RANGE}")
         return [s.getsockname()[1] for s in socks]
     finally:
         for s in socks:
