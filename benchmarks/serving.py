@@ -69,6 +69,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks import serving_load as load  # noqa: E402
 from benchmarks import serving_report as report  # noqa: E402
+from cluster.local import free_ports  # noqa: E402
 
 SCRATCH = ROOT / "benchmarks" / "results" / "tmp" / "serving"
 BENTO_VENV = ROOT / "benchmarks" / ".venv-bentoml"
@@ -164,9 +165,7 @@ def _spawn(cmd: list[str], env: dict[str, str], log: Path, cwd: Path = ROOT) -> 
 
 
 def _free_port() -> int:
-    from cluster.local import free_ports  # outside the ephemeral range (see there)
-
-    return free_ports(1)[0]
+    return free_ports(1)[0]  # outside the kernel's ephemeral range (see there)
 
 
 def _wait_http(url: str, proc: subprocess.Popen | None, timeout: float = 240) -> None:
