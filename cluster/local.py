@@ -64,12 +64,15 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from services import ingress
+
 DEFAULT_STATE_DIR = Path(".rayship")
 STATE_FILE = "cluster.json"
 TOKEN_FILE = "auth_token"
 LOCK_FILE = "cluster.lock"
 START_TIMEOUT_S = 180.0
 MIN_OBJECT_STORE_BYTES = 100 * 1024**2
+HAPROXY_DIR = "ha"  # HAProxy's config and sockets under the cluster's temp dir
 _PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -99,6 +102,12 @@ class ClusterInfo:
     started_at: float
     startup_seconds: float = 0.0
     dashboard: str = ""  # the dashboard's URL (Serve's REST API: `serve deploy -a URL`)
+    # How endpoints on this cluster take requests (services.ingress): "haproxy" (Serve's
+    # native ingress) or "proxy" (Serve's Python proxy). The ports of HAProxy's stats page
+    # and metrics exporter and of its backup (Serve's Python proxy: HTTP, gRPC).
+    ingress: str = "haproxy"
+    haproxy_ports: list[int] = field(default_factory=list)
+    replica_ports: list[int] = field(default_factory=list)  # [first, end) of its block
 
     def driver_env(self) -> dict[str, str]:
         """Environment variables a separate driver or the `ray` CLI needs for this cluster.
@@ -191,6 +200,9 @@ def up(
         # Short on purpose: Ray's Unix sockets live below it (108-byte path limit).
         tmp_root = "/tmp" if os.path.isdir("/tmp") else None
         temp_dir = tempfile.mkdtemp(prefix="rayship-", dir=tmp_root)
+        # HAProxy's admin socket is world-writable (mode 666, level admin) and Ray makes
+        # its temp dir 0777: the folder holding it is this user's alone.
+        (Path(temp_dir) / HAPROXY_DIR).mkdir(mode=0o700)
         info = ClusterInfo(
             address="",
             node_ip="",
@@ -203,7 +215,12 @@ def up(
             session_ids=[],
             boot_id=_boot_id(),
             started_at=time.time(),
+            ingress="haproxy" if ingress.native() else "proxy",
+            haproxy_ports=free_ports(4) if ingress.native() else [],
         )
+        if info.ingress == "haproxy":
+            block = claim_replica_ports(temp_dir)
+            info = _replace(info, replica_ports=[block.start, block.stop])
         env = _node_env(info)
         store = _object_store_bytes(nodes)
         common = [
@@ -216,7 +233,9 @@ def up(
         ]
         query: subprocess.Popen[str] | None = None
         try:
-            gcs_port, client_port, dashboard_port, *agent_ports = free_ports(nodes + 3)
+            gcs_port, client_port, dashboard_port, *agent_ports = free_ports(
+                nodes + 3, exclude=info.haproxy_ports
+            )
             # Ray processes find their own cluster, not another Ray on this machine
             # (Ray's state API refuses to guess when it sees several).
             env["RAY_ADDRESS"] = f"127.0.0.1:{gcs_port}"
@@ -236,7 +255,10 @@ def up(
                         f"--dashboard-port={dashboard_port}",
                         f"--ray-client-server-port={client_port}",
                         f"--dashboard-agent-listen-port={agent_ports[0]}",
-                        "--node-name=rayship-head",
+                        # A label, not --node-name: Ray Serve takes a node's name for
+                        # its IP (ClusterNodeInfoCache), and HAProxy then dials a
+                        # replica on this node by a name that is not its address.
+                        "--labels=rayship-node=head",
                         *common,
                     ],
                     env,
@@ -252,7 +274,7 @@ def up(
                             # One log monitor per machine: the head's already tails the
                             # session log dir all nodes share (as ray.cluster_utils does).
                             "--include-log-monitor=false",
-                            f"--node-name=rayship-worker-{i}",
+                            f"--labels=rayship-node=worker-{i}",
                             *common,
                         ],
                         env,
@@ -412,6 +434,21 @@ def _node_env(info: ClusterInfo) -> dict[str, str]:
     if info.token_path:
         env["RAY_AUTH_TOKEN_PATH"] = info.token_path
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if info.ingress == "haproxy":  # Serve's native ingress, HAProxy's files in our temp dir
+        stats, metrics, fallback_http, fallback_grpc = info.haproxy_ports
+        first, end = info.replica_ports
+        env.update(
+            ingress.serve_env(
+                env,
+                replica_ports=range(first, end),
+                fallback_ports=(fallback_http, fallback_grpc),
+                # Short: HAProxy takes socket paths of at most 97 bytes, and Serve puts
+                # them in a subfolder named by the 56-character node id.
+                files_dir=Path(info.temp_dir) / HAPROXY_DIR,
+                stats_port=stats,
+                metrics_port=metrics,
+            )
+        )
     # Workers run this interpreter, so an installed rayship imports anyway; putting the
     # checkout first makes the nodes run the same code as the process that started them.
     if (_PROJECT_ROOT / "pyproject.toml").is_file() and (_PROJECT_ROOT / "training").is_dir():
@@ -545,7 +582,7 @@ out = [
     {
         "node_id": n["NodeID"],
         "ip": n["NodeManagerAddress"],
-        "name": n.get("NodeName", ""),
+        "name": n.get("Labels", {}).get("rayship-node") or n.get("NodeName", ""),
         "is_head": "node:__internal_head__" in n.get("Resources", {}),
         "alive": bool(n["Alive"]),
         "cpus": float(n.get("Resources", {}).get("CPU", 0.0)),
@@ -621,6 +658,11 @@ def _teardown(info: ClusterInfo, keep_temp_dir: bool = False) -> bool:
     # Anything that appeared meanwhile (a worker forked late) goes without ceremony.
     _terminate([p for p, _ in _cluster_procs(info)], 0.0)
 
+    if info.replica_ports:
+        claim = PORT_CLAIMS / str(info.replica_ports[0])
+        with contextlib.suppress(OSError):
+            if claim.read_text().strip() == info.temp_dir:
+                claim.unlink()
     state_dir = Path(info.state_dir)
     for name in (STATE_FILE, TOKEN_FILE):
         with contextlib.suppress(FileNotFoundError):
@@ -681,10 +723,11 @@ def _object_store_bytes(nodes: int) -> int:
 
 
 # Ports for Ray's servers come from between Ray's default worker ports (10002-19999)
-# and Linux's ephemeral range (32768 and up): a port the kernel hands out (bind to
-# 0) can be taken by any outgoing connection, or by a Ray worker started with
-# ``--min-worker-port=0``, before the server that was meant to bind it does.
-PORT_RANGE = range(20000, 32768)
+# and Serve's direct-ingress replica ports (30000-31000; Linux's ephemeral range starts
+# at 32768): a port the kernel hands out (bind to 0) can be taken by any outgoing
+# connection, or by a Ray worker started with ``--min-worker-port=0``, before the
+# server that was meant to bind it does; a replica finding its port taken retries.
+PORT_RANGE = range(20000, 30000)
 
 
 def free_ports(n: int, exclude: Collection[int] = ()) -> list[int]:
@@ -709,6 +752,56 @@ def free_ports(n: int, exclude: Collection[int] = ()) -> list[int]:
     finally:
         for s in socks:
             s.close()
+
+
+# Each cluster's Serve replicas take their own HTTP ports from a block of this range
+# (services.ingress.serve_env): above Serve's default 30000-31000, which other Serve
+# clusters on the machine use, and below Linux's ephemeral ports (32768 and up).
+REPLICA_PORT_BLOCKS = range(31000, 32700, 100)
+PORT_CLAIMS = Path(tempfile.gettempdir()) / "rayship-replica-ports"
+
+
+def claim_replica_ports(owner: str) -> range:
+    """A block of ports for one cluster's replicas, claimed machine-wide for ``owner``.
+
+    A claim is a file ``PORT_CLAIMS/<first port>`` naming the owner, a folder (the
+    cluster's Ray temp dir) that exists while the cluster does: a block whose owner is
+    gone is free again, so a crashed cluster's claim does not leak. A block is also
+    skipped while any of its ports is bound (a foreign server). Raises ClusterError when
+    every block is taken.
+    """
+    PORT_CLAIMS.mkdir(mode=0o755, exist_ok=True)
+    step = REPLICA_PORT_BLOCKS.step
+    with open(PORT_CLAIMS / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        for start in REPLICA_PORT_BLOCKS:
+            claim = PORT_CLAIMS / str(start)
+            with contextlib.suppress(OSError, ValueError):
+                if Path(claim.read_text().strip()).exists():
+                    continue  # a live cluster's block
+            block = range(start, start + step)
+            if not _all_free(block):
+                continue
+            claim.write_text(owner + "\n")
+            return block
+    raise ClusterError(
+        f"no free block of replica ports in {REPLICA_PORT_BLOCKS.start}-"
+        f"{REPLICA_PORT_BLOCKS.stop + step - 1}: every one is claimed by a running "
+        f"rayship cluster or in use ({PORT_CLAIMS})"
+    )
+
+
+def _all_free(ports: range) -> bool:
+    """True when nothing listens on any of ``ports`` (on any address)."""
+    for port in ports:
+        s = socket.socket()
+        try:
+            s.bind(("", port))
+        except OSError:
+            return False
+        finally:
+            s.close()
+    return True
 
 
 def _boot_id() -> str:
