@@ -1,4 +1,4 @@
-"""The Serve application: every model of an endpoint behind one FastAPI ingress.
+"""The Serve application: every model of an endpoint behind one deployment, ``ModelServer``.
 
 The endpoint is built from a Serve config (:mod:`services.serve_config`):
 ``import_path: services.app:build`` with ``args: {tracking_uri}``, and the models in
@@ -14,12 +14,18 @@ Open Inference Protocol (V2, :mod:`services.v2`)
   ``GET /v2/models/{name}[/versions/{v}]``, ``GET /v2/models/{name}[/versions/{v}]/ready``,
   ``POST /v2/models/{name}[/versions/{v}]/infer``.
 
+The deployment takes every request in ``__call__`` and dispatches it through the route
+table of :mod:`services.http` (no FastAPI: its routing cost a sixth of a request, see
+there). With Serve's native ingress (:mod:`services.ingress`) a request goes from HAProxy
+straight to a replica's own HTTP server, and from there to ``__call__``.
+
 Every error is JSON ``{"error": "...", "details": [...]}``: 400 bad input (details name
 the field, the row and what was expected), 404 unknown model, version or path, 405
-wrong method, 413 body over the model's ``max_request_bytes``, 422 should FastAPI's own
-validation ever refuse a request. Bad input never yields a 5xx. The 503 (with
-``Retry-After``) for a full queue comes from Serve's proxy (``backpressure_config``),
-before a request reaches a replica.
+wrong method (with ``Allow``), 413 body over the model's ``max_request_bytes``, and 500
+only for a fault of the server itself (logged with its traceback), never for bad input.
+The 503 (with ``Retry-After``) for a full queue comes from Serve (``backpressure_config``)
+before a request reaches this code: with the native ingress, each replica refuses what
+would queue beyond ``max_queued_requests`` at that replica.
 
 Per model the replica holds the production version and, optionally, a canary with a
 traffic weight. The split is deterministic per replica (every ``1/weight``-th request
@@ -38,15 +44,17 @@ a rollback). On a first load there is nothing to keep: it raises and the deploy 
 Requests are validated one by one (a bad request is refused on its own) and the valid
 ones of a model go through one ``@serve.batch`` batcher per model, which runs them in one
 onnxruntime call (one per version while a swap or canary is under way); the batch size
-counts requests, whatever their rows.
+counts requests, whatever their rows. With ``batch_wait_timeout_s: 0`` (the default) a
+lone request is run at once; under load, requests that arrive while a batch runs form
+the next one.
 
-No ``from __future__ import annotations`` here: FastAPI must see the real ``Request``
-annotation on the ingress methods (as a string it becomes a required query parameter).
-
-Replicas import only this module, :mod:`services.predictor`, :mod:`services.v1`,
-:mod:`services.v2`, :mod:`services.metrics` (onnxruntime, numpy, Ray) and
-:mod:`training.registry` (the MLflow client) — never torch or scikit-learn.
+Replicas import only this module, :mod:`services.http`, :mod:`services.predictor`,
+:mod:`services.v1`, :mod:`services.v2`, :mod:`services.metrics` (onnxruntime, numpy,
+orjson, Starlette, Ray) and :mod:`training.registry` (the MLflow client) — never torch
+or scikit-learn.
 """
+
+from __future__ import annotations
 
 import asyncio
 import logging
@@ -56,14 +64,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
 from ray import serve
 from ray.serve import Application
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import Response
 
 from services import v2
+from services.http import (
+    BodyTooLarge,
+    Routes,
+    error_response,
+    json_response,
+    read_body,
+)
 from services.metrics import EndpointMetrics
 from services.predictor import BadInput, OnnxPredictor, problem
 from services.v1 import parse_v1
@@ -81,6 +94,23 @@ MODEL_KEYS = (
     "max_request_bytes",
 )
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
+
+ROUTES = Routes(
+    [
+        ("GET", "/v1/models", "list_models"),
+        ("POST", "/v1/models/{name}:predict", "predict"),
+        ("GET", "/v1/models/{name}", "model_metadata"),
+        ("GET", "/v2", "server_metadata"),
+        ("GET", "/v2/health/live", "live"),
+        ("GET", "/v2/health/ready", "ready"),
+        ("GET", "/v2/models/{name}", "v2_metadata"),
+        ("GET", "/v2/models/{name}/ready", "v2_ready"),
+        ("POST", "/v2/models/{name}/infer", "v2_infer"),
+        ("GET", "/v2/models/{name}/versions/{version}", "v2_metadata"),
+        ("GET", "/v2/models/{name}/versions/{version}/ready", "v2_ready"),
+        ("POST", "/v2/models/{name}/versions/{version}/infer", "v2_infer"),
+    ]
+)
 
 
 class UnknownModel(LookupError):
@@ -101,68 +131,20 @@ class UnknownVersion(LookupError):
         self.requested, self.loaded = requested, loaded
 
 
-class BodyTooLarge(ValueError):
-    def __init__(self, size: int, limit: int):
-        super().__init__(f"request body of {size} bytes or more exceeds the limit of {limit}")
-        self.size, self.limit = size, limit
-
-
-def error_body(message: str, details: list[Any] | None = None) -> dict[str, Any]:
-    return {"error": message, "details": details or []}
-
-
-app = FastAPI(title="rayship", docs_url=None, redoc_url=None, openapi_url=None)
-
-
-@app.exception_handler(BadInput)
-async def _bad_input(_: Request, exc: BadInput) -> JSONResponse:
-    return JSONResponse(error_body(exc.message, exc.details), status_code=400)
-
-
-@app.exception_handler(UnknownModel)
-async def _unknown_model(_: Request, exc: UnknownModel) -> JSONResponse:
-    details = [problem("name", f"a served model: {exc.served}", repr(exc.requested))]
-    return JSONResponse(error_body(str(exc), details), 404)
-
-
-@app.exception_handler(UnknownVersion)
-async def _unknown_version(_: Request, exc: UnknownVersion) -> JSONResponse:
-    details = [problem("version", f"a loaded version: {exc.loaded}", repr(exc.requested))]
-    return JSONResponse(error_body(str(exc), details), 404)
-
-
-@app.exception_handler(BodyTooLarge)
-async def _too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
-    details = [problem("body", f"at most {exc.limit} bytes", f"{exc.size} bytes or more")]
-    return JSONResponse(error_body(str(exc), details), 413)
-
-
-@app.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-    return JSONResponse(error_body(str(exc.detail)), exc.status_code, headers=exc.headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-    details = [
-        problem(".".join(map(str, e.get("loc", ()))), e.get("msg", ""), e.get("type", ""))
-        for e in exc.errors()
-    ]
-    return JSONResponse(error_body("request does not fit the API", details), 422)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused (413) as soon as it is known to exceed ``limit`` bytes."""
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise BodyTooLarge(int(length), limit)
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge(size, limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
+def error_for(exc: Exception) -> Response | None:
+    """The JSON error response for an exception a client caused, or None for others."""
+    if isinstance(exc, BadInput):
+        return error_response(400, exc.message, exc.details)
+    if isinstance(exc, UnknownModel):
+        details = [problem("name", f"a served model: {exc.served}", repr(exc.requested))]
+        return error_response(404, str(exc), details)
+    if isinstance(exc, UnknownVersion):
+        details = [problem("version", f"a loaded version: {exc.loaded}", repr(exc.requested))]
+        return error_response(404, str(exc), details)
+    if isinstance(exc, BodyTooLarge):
+        details = [problem("body", f"at most {exc.limit} bytes", f"{exc.size} bytes or more")]
+        return error_response(413, str(exc), details)
+    return None
 
 
 Item = tuple[OnnxPredictor, dict[str, np.ndarray]]
@@ -287,7 +269,7 @@ class _Observed:
         self.model, self.version = "", ""
         self.started = time.perf_counter()
 
-    def __enter__(self) -> "_Observed":
+    def __enter__(self) -> _Observed:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -299,7 +281,6 @@ class _Observed:
 
 
 @serve.deployment
-@serve.ingress(app)
 class ModelServer:
     """Serves the models of ``user_config``; see the module docstring for the routes."""
 
@@ -307,6 +288,29 @@ class ModelServer:
         self.tracking_uri = tracking_uri
         self.models: dict[str, Served] = {}
         self.metrics = EndpointMetrics()
+
+    # -- HTTP ----------------------------------------------------------------------
+
+    async def __call__(self, request: Request) -> Response:
+        """Dispatch one request to its handler; client errors become JSON 4xx."""
+        name, params, allowed = ROUTES.match(request.method, request.url.path)
+        if name is None:
+            if allowed:
+                return error_response(
+                    405,
+                    f"method {request.method} is not allowed on {request.url.path}",
+                    [problem("method", f"one of {allowed}", request.method)],
+                    headers={"Allow": ", ".join(allowed)},
+                )
+            return error_response(404, f"no route {request.url.path}")
+        try:
+            return await getattr(self, name)(request, **params)
+        except Exception as exc:
+            response = error_for(exc)
+            if response is None:
+                logger.exception("%s %s failed", request.method, request.url.path)
+                return error_response(500, f"internal error: {type(exc).__name__}")
+            return response
 
     # -- configuration -------------------------------------------------------------
 
@@ -403,12 +407,10 @@ class ModelServer:
 
     # -- V1 ------------------------------------------------------------------------
 
-    @app.get("/v1/models")
-    async def list_models(self) -> dict[str, Any]:
-        return {"models": sorted(self.models)}
+    async def list_models(self, request: Request) -> Response:
+        return json_response({"models": sorted(self.models)})
 
-    @app.get("/v1/models/{name}")
-    async def model_metadata(self, name: str) -> dict[str, Any]:
+    async def model_metadata(self, request: Request, name: str) -> Response:
         served = self._model(name)
         meta = served.production.metadata()
         meta["canary"] = (
@@ -417,10 +419,9 @@ class ModelServer:
             else None
         )
         meta["error"] = served.error
-        return meta
+        return json_response(meta)
 
-    @app.post("/v1/models/{name}:predict")
-    async def predict(self, name: str, request: Request) -> Response:
+    async def predict(self, request: Request, name: str) -> Response:
         with _Observed(self.metrics, "v1") as seen:
             served = self._model(name)
             seen.model = served.route
@@ -432,53 +433,36 @@ class ModelServer:
             predictor.check_options(want_probabilities)
             feeds = predictor.feeds(instances)
             prediction, probabilities = await served.infer((predictor, feeds))
-            return JSONResponse(predictor.respond(prediction, probabilities, want_probabilities))
+            return json_response(predictor.respond(prediction, probabilities, want_probabilities))
 
     # -- V2 (Open Inference Protocol) ------------------------------------------------
 
-    @app.get("/v2")
-    async def server_metadata(self) -> dict[str, Any]:
-        return {"name": "rayship", "version": _version(), "extensions": ["binary_tensor_data"]}
+    async def server_metadata(self, request: Request) -> Response:
+        return json_response(
+            {"name": "rayship", "version": _version(), "extensions": ["binary_tensor_data"]}
+        )
 
-    @app.get("/v2/health/live")
-    async def live(self) -> dict[str, Any]:
-        return {"live": True}
+    async def live(self, request: Request) -> Response:
+        return json_response({"live": True})
 
-    @app.get("/v2/health/ready")
-    async def ready(self) -> JSONResponse:
+    async def ready(self, request: Request) -> Response:
         ready = bool(self.models)
-        return JSONResponse({"ready": ready}, 200 if ready else 503)
+        return json_response({"ready": ready}, 200 if ready else 503)
 
-    @app.get("/v2/models/{name}")
-    async def v2_metadata(self, name: str) -> dict[str, Any]:
+    async def v2_metadata(self, request: Request, name: str, version: str | None = None):
         served = self._model(name)
-        return v2.metadata(served.production, served.route, served.versions)
+        if version is None:
+            return json_response(v2.metadata(served.production, served.route, served.versions))
+        return json_response(v2.metadata(served.at(version), served.route, [version]))
 
-    @app.get("/v2/models/{name}/versions/{version}")
-    async def v2_version_metadata(self, name: str, version: str) -> dict[str, Any]:
+    async def v2_ready(self, request: Request, name: str, version: str | None = None):
         served = self._model(name)
-        return v2.metadata(served.at(version), served.route, [version])
-
-    @app.get("/v2/models/{name}/ready")
-    async def v2_ready(self, name: str) -> dict[str, Any]:
-        served = self._model(name)
-        return {"name": served.route, "ready": True}
-
-    @app.get("/v2/models/{name}/versions/{version}/ready")
-    async def v2_version_ready(self, name: str, version: str) -> dict[str, Any]:
-        served = self._model(name)
+        if version is None:
+            return json_response({"name": served.route, "ready": True})
         served.at(version)
-        return {"name": served.route, "version": version, "ready": True}
+        return json_response({"name": served.route, "version": version, "ready": True})
 
-    @app.post("/v2/models/{name}/infer")
-    async def v2_infer(self, name: str, request: Request) -> Response:
-        return await self._v2_infer(name, None, request)
-
-    @app.post("/v2/models/{name}/versions/{version}/infer")
-    async def v2_version_infer(self, name: str, version: str, request: Request) -> Response:
-        return await self._v2_infer(name, version, request)
-
-    async def _v2_infer(self, name: str, version: str | None, request: Request) -> Response:
+    async def v2_infer(self, request: Request, name: str, version: str | None = None):
         with _Observed(self.metrics, "v2") as seen:
             served = self._model(name)
             seen.model = served.route

@@ -23,13 +23,13 @@ refuse bad input per request and still batch the good ones into one run.
 
 from __future__ import annotations
 
-import json
 import math
 import operator
 from typing import Any
 
 import numpy as np
 
+from services.http import loads
 from training.categories import category_text
 
 MAX_DETAILS = 20  # problems listed in one BadInput; the rest are counted
@@ -55,8 +55,8 @@ def json_object(body: bytes, expected: str) -> dict[str, Any]:
     """A request body parsed as a JSON object, or BadInput on field ``body`` saying
     ``expected``."""
     try:
-        payload = json.loads(body)
-    except (UnicodeDecodeError, ValueError) as exc:
+        payload = loads(body)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise BadInput(
             f"request body is not valid JSON: {exc}",
             [problem("body", expected, f"invalid JSON ({exc})")],

@@ -58,6 +58,38 @@ def _log_and_register(uri: str, name: str, onnx_bytes: bytes, sha: str, files: d
     return version, source
 
 
+@pytest.fixture(scope="session", autouse=True)
+def native_ingress(free_port):
+    """Every Ray these tests start serves through Serve's native ingress (HAProxy → replica),
+    as rayship's clusters do: the environment Ray's processes inherit from ``ray.init``."""
+    import os
+    import shutil
+    import tempfile
+
+    from cluster.local import claim_replica_ports
+    from services import ingress
+
+    files = tempfile.mkdtemp(prefix="rs-", dir="/tmp")  # short: HAProxy's socket paths
+    env = ingress.serve_env(
+        files_dir=files,
+        stats_port=free_port(),
+        metrics_port=free_port(),
+        replica_ports=claim_replica_ports(files),  # free again once `files` is removed
+        fallback_ports=(free_port(), free_port()),
+    )
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield env
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+        shutil.rmtree(files, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def registered(tmp_path_factory) -> Registered:
     import numpy as np

@@ -8,10 +8,13 @@ between most of them, so Serve reconfigures the running replica).
 
 from __future__ import annotations
 
+import contextlib
+import os
 import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -83,6 +86,56 @@ def test_two_models_answer_at_their_own_routes(registered, port):
     assert listed == sorted([registered.name, other.name])
 
 
+def haproxy_servers(stats_port: int) -> dict[str, tuple[str, int]]:
+    """(status, 2xx answers) of each server of the endpoint's backend, from HAProxy's stats
+    CSV. Counters restart when Serve reloads HAProxy's config; statuses do not."""
+    text = httpx.get(f"http://127.0.0.1:{stats_port}/stats;csv", timeout=10).text
+    header, *rows = [line.split(",") for line in text.lstrip("# ").splitlines() if line]
+    col = {name: i for i, name in enumerate(header)}
+    return {
+        row[col["svname"]]: (row[col["status"]], int(row[col["hrsp_2xx"]] or 0))
+        for row in rows
+        if row[col["pxname"]] == "http-rayship" and row[col["svname"]] != "BACKEND"
+    }
+
+
+def listener(port: int) -> str:
+    """The executable of the process listening on 127.0.0.1:``port`` (from /proc)."""
+    wanted = f"{port:04X}"
+    inodes = {
+        fields[9]
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:]
+        if (fields := line.split())[1].endswith(f":{wanted}") and fields[3] == "0A"  # LISTEN
+    }
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                if os.readlink(f"/proc/{pid}/fd/{fd}") in {f"socket:[{i}]" for i in inodes}:
+                    return os.path.basename(os.readlink(f"/proc/{pid}/exe"))
+    return ""
+
+
+def test_requests_go_from_haproxy_straight_to_a_replica(registered, port, native_ingress):
+    url = endpoint(registered, port, churn(registered))
+    assert listener(port) == "haproxy"  # not Serve's Python proxy
+    stats_port = int(native_ingress["RAY_SERVE_HAPROXY_STATS_PORT"])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # HAProxy health-checks a new replica first
+        servers = haproxy_servers(stats_port)
+        replicas = {n: v for n, v in servers.items() if n.startswith("SERVE_REPLICA")}
+        if replicas and all(status == "UP" for status, _ in replicas.values()):
+            break
+        time.sleep(0.5)
+    backup = {n: v for n, v in servers.items() if n.startswith("SERVE_PROXY")}
+    assert replicas and all(status == "UP" for status, _ in replicas.values()), servers
+    assert backup, servers  # Serve's Python proxy is there only as the backup server
+    for _ in range(20):
+        assert predict_http(url, "churn", [GOOD])["model_version"] == registered.good_version
+    after = haproxy_servers(stats_port)
+    assert all(after[n][1] <= answers for n, (_, answers) in backup.items()), after
+    assert sum(after[n][1] for n in replicas if n in after) > 0, after
+
+
 def test_a_ten_percent_canary_gets_about_ten_percent(registered, port):
     canary = churn(registered, canary_ref=registered.swap_version, canary_weight=0.1)
     url = endpoint(
@@ -151,7 +204,8 @@ def test_promote_under_steady_load_fails_no_request(registered, port):
 
 
 def test_an_overload_burst_gets_503_with_retry_after_then_the_endpoint_recovers(registered, port):
-    # One request at a time per replica, two more may wait at the proxy: the rest are shed.
+    # One request at a time per replica, two more may wait in it: the rest are shed (with the
+    # native ingress each replica sheds what would queue beyond max_queued_requests).
     tight = SPEC.model_copy(
         update={"max_batch_size": 1, "target_ongoing_requests": 0.5, "max_queued_requests": 2}
     )
