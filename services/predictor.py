@@ -1,10 +1,15 @@
 """Predictor: one registered ONNX graph in onnxruntime, fed from KServe V1 ``instances``.
 
 The graph contract is the one in ``training/export.py``: one input per feature,
-named after the column, shape ``[N, 1]``, float32 for numeric columns (NaN =
-missing) and string for categorical ones ('' = missing); outputs ``prediction``
-``[N]`` and, for classification, ``probabilities`` ``[N, K]`` in the schema's
-class order.
+named after the column's ONNX-safe name, shape ``[N, 1]``, float32 for numeric
+columns (NaN = missing) and string for categorical ones ('' = missing); outputs
+``prediction`` ``[N]`` and, for classification, ``probabilities`` ``[N, K]`` in the
+schema's class order.
+
+Clients name a feature by the training data's own column name (``"mean radius"``,
+:attr:`OnnxPredictor.columns`: what metadata shows and errors name) or by its ONNX
+input name (``"mean_radius"``, :attr:`OnnxPredictor.names`) as an alias; a row that
+gives one feature under both names is refused. The graph is always fed by ONNX name.
 
 The feeds are built here with numpy alone, not with ``training.export.onnx_feeds``:
 serving replicas carry neither pandas-based training code nor scikit-learn, and the
@@ -126,11 +131,26 @@ class OnnxPredictor:
         self.schema = schema
         self.task: str = schema["task"]
         self.features: list[dict[str, Any]] = list(schema["features"])
-        self.names: list[str] = [f["name"] for f in self.features]
+        self.names: list[str] = [f["name"] for f in self.features]  # ONNX input names
+        # The data's own column names; a schema.json written before they were recorded
+        # has none, and then the ONNX names are the columns clients know.
+        self.columns: list[str] = [f.get("column") or f["name"] for f in self.features]
         self.numeric = [f["dtype"] == "float" for f in self.features]
         self.all_numeric = all(self.numeric)
-        self._getter = operator.itemgetter(*self.names)
-        self._index = {n: i for i, n in enumerate(self.names)}
+        # Every name a feature is known by (column name, ONNX name) → its position.
+        self.position: dict[str, int] = {}
+        owners: dict[str, set[int]] = {}
+        for i, keys in enumerate(zip(self.columns, self.names, strict=True)):
+            for key in keys:
+                self.position[key] = i
+                owners.setdefault(key, set()).add(i)
+        self._ambiguous = sorted(k for k, i in owners.items() if len(i) > 1)
+        # Row readers for the two keyings; a request's first row picks one by whether it
+        # has the first column name that differs from its ONNX name (None: one keying).
+        self._by_column = operator.itemgetter(*self.columns)
+        self._by_name = operator.itemgetter(*self.names)
+        pairs = zip(self.columns, self.names, strict=True)
+        self._probe = next((c for c, n in pairs if c != n), None)
         self.classes: list[Any] | None = schema.get("classes")
 
         options = ort.SessionOptions()
@@ -148,7 +168,7 @@ class OnnxPredictor:
     def _check_graph(self) -> None:
         inputs = {i.name: i.type for i in self.session.get_inputs()}
         outputs = {o.name: o.type for o in self.session.get_outputs()}
-        problems = []
+        problems = [f"name {k!r} belongs to two features" for k in self._ambiguous]
         for f in self.features:
             want = "tensor(float)" if f["dtype"] == "float" else "tensor(string)"
             if inputs.get(f["name"]) != want:
@@ -188,28 +208,20 @@ class OnnxPredictor:
         n, width = len(instances), len(self.names)
         columns: list[list[Any]] = [[None] * n for _ in range(width)]
         problems: list[dict[str, Any]] = []
+        get = self._getter_for(instances[0])
         for r, row in enumerate(instances):
             if len(problems) >= MAX_DETAILS:
                 break
             if isinstance(row, dict):
-                unknown = [k for k in row if k not in self._index]
-                missing = [c for c in self.names if c not in row]
-                problems += [
-                    problem(k, f"one of the model's features {self.names}", "unknown column", r)
-                    for k in unknown
-                ]
-                problems += [
-                    problem(c, "a value (null for missing)", "no such key", r) for c in missing
-                ]
-                if unknown or missing:
+                values = self._row_values(row, get, r, problems)
+                if values is None:
                     continue
-                values = [row[c] for c in self.names]
             elif isinstance(row, list):
                 if len(row) != width:
                     problems.append(
                         problem(
                             f"instances[{r}]",
-                            f"a list of {width} values in feature order {self.names}",
+                            f"a list of {width} values in feature order {self.columns}",
                             f"a list of {len(row)}",
                             r,
                         )
@@ -220,7 +232,7 @@ class OnnxPredictor:
                 problems.append(
                     problem(
                         f"instances[{r}]",
-                        "an object {column: value} or a list of values",
+                        "an object {column: value} or a list of values in feature order",
                         describe(row),
                         r,
                     )
@@ -234,7 +246,7 @@ class OnnxPredictor:
                     cell = _categorical(value)
                     expected = "a string (category), or null"
                 if cell is None:
-                    problems.append(problem(self.names[j], expected, describe(value), r))
+                    problems.append(problem(self.columns[j], expected, describe(value), r))
                 else:
                     columns[j][r] = cell
         if problems:
@@ -257,15 +269,63 @@ class OnnxPredictor:
             for name, col, numeric in zip(self.names, columns, self.numeric, strict=True)
         }
 
+    def _getter_for(self, first: Any) -> operator.itemgetter:
+        """The row reader for a request: by column names when its first row has a column
+        name that is not also an ONNX name, else by ONNX names. Rows keyed otherwise (mixed
+        names, or unlike the first row) miss it and are read key by key (:meth:`_row_values`)."""
+        if self._probe is not None and isinstance(first, dict) and self._probe in first:
+            return self._by_column
+        return self._by_name
+
+    def _row_values(
+        self, row: dict[str, Any], get: operator.itemgetter, r: int, problems: list[dict]
+    ) -> list[Any] | tuple[Any, ...] | None:
+        """One object row's values in feature order, or None after adding its problems:
+        unknown keys, a feature given under both its names, missing features."""
+        width = len(self.names)
+        if len(row) == width:
+            try:
+                values = get(row)
+            except KeyError:
+                pass
+            else:
+                return (values,) if width == 1 else values
+        values: list[Any] = [None] * width
+        given: list[str | None] = [None] * width
+        found: list[dict[str, Any]] = []
+        for key, value in row.items():
+            j = self.position.get(key)
+            if j is None:
+                expected = f"one of the model's features {self.columns}"
+                found.append(problem(key, expected, "unknown column", r))
+            elif given[j] is not None:
+                expected = (
+                    f"one value for {self.columns[j]!r}, under that name or its ONNX name "
+                    f"{self.names[j]!r}"
+                )
+                found.append(
+                    problem(self.columns[j], expected, f"both {given[j]!r} and {key!r}", r)
+                )
+            else:
+                given[j], values[j] = key, value
+        found += [
+            problem(self.columns[j], "a value (null for missing)", "no such key", r)
+            for j in range(width)
+            if given[j] is None
+        ]
+        problems += found
+        return None if found else values
+
     def _numeric_feeds(self, instances: list[Any]) -> dict[str, np.ndarray] | None:
         """The feeds of an all-numeric model's rows in one numpy conversion, or None
         when the rows need the cell-by-cell check (nulls, strings, wrong widths, objects
         with other keys): that path then finds and names any problem. Lists in feature
-        order go straight to numpy; objects are read in feature order first."""
+        order go straight to numpy; objects are read in feature order first, by the
+        reader of the first row's keying."""
         width = len(self.names)
         first = instances[0]
         if isinstance(first, dict):
-            get = self._getter
+            get = self._getter_for(first)
             try:
                 rows = [get(row) for row in instances if len(row) == width]
             except (KeyError, TypeError):
@@ -356,7 +416,10 @@ class OnnxPredictor:
         return self.respond(prediction, probabilities, return_probabilities)
 
     def metadata(self) -> dict[str, Any]:
-        """``GET /v1/models/{name}``: name, version, readiness, the feature schema and outputs."""
+        """``GET /v1/models/{name}``: name, version, readiness, the feature schema and outputs.
+
+        Each input is named by the data's own column name (what clients send), with
+        the ONNX input name beside it (``onnx_name``, accepted as an alias)."""
         outputs = [{"name": "predictions", "dtype": self.prediction_dtype, "shape": [-1]}]
         if self.task == "classification":
             outputs.append(
@@ -372,8 +435,13 @@ class OnnxPredictor:
             "ready": True,
             "task": self.task,
             "inputs": [
-                {"name": f["name"], "dtype": f["dtype"], "categories": f.get("categories")}
-                for f in self.features
+                {
+                    "name": column,
+                    "onnx_name": f["name"],
+                    "dtype": f["dtype"],
+                    "categories": f.get("categories"),
+                }
+                for column, f in zip(self.columns, self.features, strict=True)
             ],
             "outputs": outputs,
             "classes": self.classes,

@@ -2,11 +2,13 @@
 parsing and the infer response, including the binary tensor data extension that
 tritonclient's HTTP client uses by default.
 
-The model's tensors are the ONNX graph's own, as Triton would expose them: one input
-per feature (``FP32`` for numeric columns, ``BYTES`` for categorical ones, shape
-``[-1, 1]``; a request may also send shape ``[N]``; in JSON data a ``null`` number is a
-missing value, as NaN is in binary data), outputs ``prediction`` and, for
-classification, ``probabilities`` ``[-1, K]`` in the ``classes`` order.
+The model's tensors are the ONNX graph's, as Triton would expose them, but named by the
+training data's own column names: one input per feature (``FP32`` for numeric columns,
+``BYTES`` for categorical ones, shape ``[-1, 1]``; a request may also send shape ``[N]``;
+in JSON data a ``null`` number is a missing value, as NaN is in binary data), outputs
+``prediction`` and, for classification, ``probabilities`` ``[-1, K]`` in the
+``classes`` order. An infer request may name an input by the graph's ONNX input name
+instead (``mean_radius`` for ``mean radius``), as V1 rows may.
 
 Written here rather than taken from KServe's ``kserve`` package: that package brings
 its own server stack (its model server, FastAPI app and dependency pins), while all
@@ -53,14 +55,15 @@ def datatype_of(array: np.ndarray) -> str:
 
 
 def metadata(predictor: OnnxPredictor, route: str, versions: list[str]) -> dict[str, Any]:
-    """``GET /v2/models/{name}``: the model's tensors as the protocol describes them."""
+    """``GET /v2/models/{name}``: the model's tensors as the protocol describes them, the
+    inputs named by the data's own column names."""
     inputs = [
         {
-            "name": f["name"],
-            "datatype": "FP32" if f["dtype"] == "float" else "BYTES",
+            "name": column,
+            "datatype": "FP32" if numeric else "BYTES",
             "shape": [-1, 1],
         }
-        for f in predictor.features
+        for column, numeric in zip(predictor.columns, predictor.numeric, strict=True)
     ]
     outputs = [
         {
@@ -321,13 +324,26 @@ def _flatten(data: Any) -> list[Any] | None:
 
 
 def feeds(predictor: OnnxPredictor, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The graph's feeds from V2 input tensors: every feature once, one batch size, numeric
-    features from numeric tensors (as float32; NaN = missing), categorical ones from BYTES."""
-    unknown = [n for n in tensors if n not in predictor.names]
-    missing = [n for n in predictor.names if n not in tensors]
-    problems = [
-        problem(n, f"one of the model's inputs {predictor.names}", "unknown input") for n in unknown
-    ] + [problem(n, "an input tensor", "missing") for n in missing]
+    """The graph's feeds (keyed by ONNX input name) from V2 input tensors named by column
+    or ONNX name: every feature once, one batch size, numeric features from numeric tensors
+    (as float32; NaN = missing), categorical ones from BYTES. Errors name the columns."""
+    columns = predictor.columns
+    given: dict[int, str] = {}  # feature position → the tensor name it came under
+    problems = []
+    for n in tensors:
+        j = predictor.position.get(n)
+        if j is None:
+            problems.append(problem(n, f"one of the model's inputs {columns}", "unknown input"))
+        elif j in given:
+            expected = (
+                f"{columns[j]!r} once, under that name or its ONNX name {predictor.names[j]!r}"
+            )
+            problems.append(problem(columns[j], expected, f"both {given[j]!r} and {n!r}"))
+        else:
+            given[j] = n
+    problems += [
+        problem(c, "an input tensor", "missing") for j, c in enumerate(columns) if j not in given
+    ]
     if problems:
         first = problems[0]
         raise BadInput(
@@ -337,35 +353,36 @@ def feeds(predictor: OnnxPredictor, tensors: dict[str, np.ndarray]) -> dict[str,
         )
     sizes = {}
     out = {}
-    for name, numeric in zip(predictor.names, predictor.numeric, strict=True):
-        array = tensors[name]
+    for j, (name, numeric) in enumerate(zip(predictor.names, predictor.numeric, strict=True)):
+        column, tensor = columns[j], tensors[given[j]]
+        array = tensor
         if array.ndim == 2 and array.shape[1] == 1:
             array = array[:, 0]
         if array.ndim != 1:
             raise BadInput(
-                f"{name}: expected shape [N] or [N, 1], got {list(tensors[name].shape)}",
-                [problem(name, "shape [N] or [N, 1]", str(list(tensors[name].shape)))],
+                f"{column}: expected shape [N] or [N, 1], got {list(tensor.shape)}",
+                [problem(column, "shape [N] or [N, 1]", str(list(tensor.shape)))],
             )
-        sizes[name] = len(array)
+        sizes[column] = len(array)
         if numeric:
             if array.dtype == object:
                 raise BadInput(
-                    f"{name}: expected a numeric tensor (FP32), got BYTES",
-                    [problem(name, "datatype FP32 (or another numeric type)", "BYTES")],
+                    f"{column}: expected a numeric tensor (FP32), got BYTES",
+                    [problem(column, "datatype FP32 (or another numeric type)", "BYTES")],
                 )
             with np.errstate(over="ignore"):
                 values = array.astype(np.float32)
             if np.isinf(values).any() and not np.isinf(array).any():
                 raise BadInput(
-                    f"{name}: a value is outside float32 range",
-                    [problem(name, "numbers within float32 range", "an overflowing value")],
+                    f"{column}: a value is outside float32 range",
+                    [problem(column, "numbers within float32 range", "an overflowing value")],
                 )
             out[name] = values.reshape(-1, 1)
         else:
             if array.dtype != object:
                 raise BadInput(
-                    f"{name}: expected a BYTES tensor (categories), got a numeric one",
-                    [problem(name, "datatype BYTES", datatype_of(array))],
+                    f"{column}: expected a BYTES tensor (categories), got a numeric one",
+                    [problem(column, "datatype BYTES", datatype_of(array))],
                 )
             out[name] = array.reshape(-1, 1)
     batch_sizes = sorted(set(sizes.values()))

@@ -1,5 +1,12 @@
 """Data: load a table, type its columns, split it, hash it and profile it.
 
+A feature has two names. ``column`` is the table's own (``"mean radius"``): clients
+send it and metadata shows it. ``name`` is the ONNX-safe one (:func:`safe_name`,
+``"mean_radius"``): the graph's input, the key of the typed frames (``Splits.X_*``), of
+the profile and of everything inside training. The table keeps its column names when
+loaded; :func:`prepare` renames the features, and refuses a table where two columns
+would get the same safe name.
+
 Column typing is fixed here once for training and serving alike: numeric features
 become float32 (missing values stay NaN, for the imputer); categorical features
 become strings, and a missing categorical value becomes the empty string, which
@@ -27,9 +34,18 @@ class DataError(ValueError):
 
 @dataclass(frozen=True)
 class Feature:
+    """One model input: ``name`` is the ONNX input name (``[A-Za-z0-9_]``), ``column`` the
+    data's own column name (spaces and all). Schemas written before ``column`` existed
+    read back with ``column == name``."""
+
     name: str
     dtype: str  # "float" or "string"
     categories: list[str] | None = None
+    column: str | None = None  # None: the same as name
+
+    def __post_init__(self) -> None:
+        if self.column is None:
+            object.__setattr__(self, "column", self.name)
 
 
 @dataclass(frozen=True)
@@ -43,7 +59,13 @@ class FeatureSchema:
 
     @property
     def names(self) -> list[str]:
+        """ONNX input names, in feature order."""
         return [f.name for f in self.features]
+
+    @property
+    def columns(self) -> list[str]:
+        """The data's own column names, in feature order."""
+        return [f.column for f in self.features]
 
     @property
     def numeric(self) -> list[str]:
@@ -82,21 +104,40 @@ class Splits:
 
 
 def safe_name(column: str) -> str:
-    """A column name as the ONNX graph and the HTTP API know it: [A-Za-z0-9_] only."""
+    """A column name as the ONNX graph knows it: [A-Za-z0-9_] only."""
     return re.sub(r"[^A-Za-z0-9_]", "_", str(column))
+
+
+def onnx_names(columns: list[str]) -> dict[str, str]:
+    """Each column's ONNX-safe name; DataError naming the columns when two would share one."""
+    safe: dict[str, list[str]] = {}
+    for column in columns:
+        safe.setdefault(safe_name(column), []).append(column)
+    clashes = {name: cols for name, cols in safe.items() if len(cols) > 1}
+    if clashes:
+        listed = "; ".join(
+            " and ".join(repr(c) for c in cols) + f" both become {name!r}"
+            for name, cols in clashes.items()
+        )
+        raise DataError(
+            f"data.source: columns whose ONNX input names collide ({listed}; only "
+            "[A-Za-z0-9_] is kept, the rest becomes '_'): rename one of each"
+        )
+    return {column: safe_name(column) for column in columns}
 
 
 def load_frame(source: str) -> pd.DataFrame:
     """Read ``sklearn:<set>``, a local path, ``file://`` or ``s3://`` CSV/Parquet into a frame.
 
-    Column names are made safe (:func:`safe_name`: "mean radius" → "mean_radius"),
-    since they become ONNX input names and JSON keys.
+    Column names are kept as the data has them (as strings); DataError when two of them
+    would get the same ONNX-safe name (:func:`onnx_names`).
     """
     frame = _read(source)
-    names = [safe_name(c) for c in frame.columns]
-    if len(set(names)) != len(names):
-        raise DataError("data.source: column names collide once made safe ([A-Za-z0-9_])")
-    frame.columns = names
+    frame.columns = [str(c) for c in frame.columns]
+    if len(set(frame.columns)) != len(frame.columns):
+        dup = sorted({c for c in frame.columns if list(frame.columns).count(c) > 1})
+        raise DataError(f"data.source: column name(s) {dup} appear more than once")
+    onnx_names(list(frame.columns))
     return frame
 
 
@@ -135,25 +176,33 @@ def type_features(frame: pd.DataFrame, numeric: list[str], categorical: list[str
     return pd.DataFrame(out, index=frame.index)[list(frame.columns.intersection(out.keys()))]
 
 
-def _choose_columns(frame: pd.DataFrame, spec: DataSpec) -> tuple[list[str], list[str]]:
+def _resolve(frame: pd.DataFrame, name: str) -> str | None:
+    """The frame's column a spec names: by the data's own name, or by its ONNX-safe name."""
+    if name in frame.columns:
+        return name
+    wanted = safe_name(name)
+    return next((c for c in frame.columns if safe_name(c) == wanted), None)
+
+
+def _choose_columns(frame: pd.DataFrame, spec: DataSpec) -> tuple[str, list[str], list[str]]:
+    """(target, features in order, categorical features), as the frame's column names."""
     columns = list(frame.columns)
-    target = safe_name(spec.target)
-    if target not in columns:
+    target = _resolve(frame, spec.target)
+    if target is None:
         raise DataError(f"data.target: no column {spec.target!r} in the data (columns: {columns})")
-    features = (
-        [safe_name(c) for c in spec.features]
-        if spec.features
-        else [c for c in columns if c != target]
-    )
-    wanted_categorical = [safe_name(c) for c in spec.categorical]
-    missing = [c for c in features + wanted_categorical if c not in columns]
+    wanted = list(spec.features) if spec.features else [c for c in columns if c != target]
+    resolved = {n: _resolve(frame, n) for n in [*wanted, *spec.categorical]}
+    missing = [n for n, c in resolved.items() if c is None]
     if missing:
         raise DataError(f"data.features/categorical: no column(s) {missing} in the data")
+    features = [resolved[n] for n in wanted]
     if target in features:
         raise DataError(f"data.features: the target {spec.target!r} cannot be a feature")
+    wanted_categorical = {resolved[n] for n in spec.categorical}
     categorical = [c for c in features if c in wanted_categorical]
-    numeric = [c for c in features if c not in wanted_categorical]
-    for name in numeric:
+    for name in features:
+        if name in wanted_categorical:
+            continue
         if not pd.api.types.is_numeric_dtype(frame[name]) and not pd.api.types.is_bool_dtype(
             frame[name]
         ):
@@ -161,7 +210,7 @@ def _choose_columns(frame: pd.DataFrame, spec: DataSpec) -> tuple[list[str], lis
                 f"data.categorical: column {name!r} holds non-numeric values; "
                 "list it in data.categorical"
             )
-    return numeric, categorical
+    return target, features, categorical
 
 
 def _label_values(y: pd.Series) -> tuple[pd.Series, list[Any]]:
@@ -181,13 +230,14 @@ def prepare(
     Rows without a target are dropped. Categories in the schema are filled in by
     :func:`split` from the train split alone.
     """
-    numeric, categorical = _choose_columns(frame, spec)
-    target = safe_name(spec.target)
+    safe = onnx_names([str(c) for c in frame.columns])
+    frame = frame.rename(columns=str)
+    target, order, categorical = _choose_columns(frame, spec)
+    numeric = [c for c in order if c not in categorical]
     frame = frame[frame[target].notna()]
-    X = type_features(frame, numeric, categorical)
-    order = [safe_name(c) for c in spec.features] if spec.features else list(frame.columns)
-    X = X[[c for c in order if c in X.columns]]
-    y = frame[target]
+    X = type_features(frame, numeric, categorical)[order]
+    X.columns = [safe[c] for c in order]
+    y = frame[target].rename(safe[target])
     classes = None
     if task == "classification":
         y, classes = _label_values(y)
@@ -201,8 +251,10 @@ def prepare(
                 f"data.target: regression needs a numeric target, {spec.target!r} is not"
             )
         y = y.astype("float64")
-    features = [Feature(c, "string" if c in categorical else "float") for c in X.columns]
-    return X, y, FeatureSchema(task=task, target=target, features=features, classes=classes)
+    features = [
+        Feature(safe[c], "string" if c in categorical else "float", column=c) for c in order
+    ]
+    return X, y, FeatureSchema(task=task, target=safe[target], features=features, classes=classes)
 
 
 def split(frame: pd.DataFrame, spec: DataSpec, task: str) -> Splits:
@@ -237,6 +289,7 @@ def split(frame: pd.DataFrame, spec: DataSpec, task: str) -> Splits:
             f.name,
             f.dtype,
             sorted(X_train[f.name].unique().tolist()) if f.dtype == "string" else None,
+            f.column,
         )
         for f in schema.features
     ]

@@ -2,8 +2,9 @@
 
 Graph contract (what serving relies on):
 
-- inputs: one per feature, named after the column, shape ``[N, 1]``; ``float`` for
-  numeric columns (NaN = missing), ``string`` for categorical ones ('' = missing);
+- inputs: one per feature, named by its ONNX-safe name (``Feature.name``: "mean_radius"
+  for the column "mean radius"), shape ``[N, 1]``; ``float`` for numeric columns
+  (NaN = missing), ``string`` for categorical ones ('' = missing);
 - outputs: ``prediction`` ``[N]`` (class labels, int64 or string, or float values for
   regression) and, for classification, ``probabilities`` ``[N, K]`` float32 in the
   schema's class order.

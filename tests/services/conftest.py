@@ -4,7 +4,8 @@ regression → one ONNX graph → MLflow (SQLite store in a tmp dir), trained on
 Versions: 1 (alias ``production``), 2 (its model.onnx overwritten after registration:
 fails its checksum), 3 (the same graph as 1, for the hot swap). A second model,
 ``churn-tree`` (a depth-2 decision tree on the same features, version 1 in production),
-is the other model of a two-model endpoint.
+is the other model of a two-model endpoint. ``churn-spaced`` (fixture ``spaced``, built
+only by the tests that use it) has column names with spaces, for the tests of column names.
 """
 
 from __future__ import annotations
@@ -160,3 +161,83 @@ def registered(tmp_path_factory) -> Registered:
     return Registered(
         uri, NAME, onnx_bytes, schema, splits.X_test, good, tampered, swap, other, tree_bytes
     )
+
+
+SPACED_COLUMNS = {
+    "region": "sales region",
+    "tenure_months": "tenure (months)",
+    "monthly_charges": "monthly charges",
+    "support_tickets": "support tickets",
+}
+
+
+@dataclass
+class Spaced:
+    """``churn-spaced``: the churn table with spaced column names, registered (version 1,
+    production) in the ``registered`` store; its ``X_test`` is keyed by ONNX names."""
+
+    name: str
+    version: str
+    onnx_bytes: bytes
+    schema: object  # training.data.FeatureSchema
+    X_test: pd.DataFrame
+
+
+@pytest.fixture(scope="session")
+def spaced(registered, tmp_path_factory) -> Spaced:
+    """A model whose columns have spaces and parentheses ("sales region", "tenure
+    (months)"), for the tests of column names: the churn data renamed, a logistic
+    regression (about a second), in the same MLflow store as ``registered`` so one
+    endpoint can serve both."""
+    import numpy as np
+
+    from training import export, registry
+    from training.data import load_splits, profile
+    from training.models import make_estimator
+    from training.preprocess import fit_preprocessor
+    from training.spec import parse_spec, spec_to_yaml
+
+    csv = tmp_path_factory.mktemp("spaced") / "churn spaced.csv"
+    _make_churn().rename(columns=SPACED_COLUMNS).to_csv(csv, index=False)
+    estimator = "sklearn.linear_model.LogisticRegression"
+    spec = parse_spec(
+        {
+            "name": f"{NAME}-spaced",
+            "task": "classification",
+            "data": {
+                "source": str(csv),
+                "target": "churn",
+                "categorical": ["plan", "sales region"],
+            },
+            "metric": "accuracy",
+            "models": [{"type": "sklearn", "estimator": estimator, "space": {}}],
+        }
+    )
+    splits = load_splits(spec.data, spec.task)
+    schema = splits.schema
+    pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
+    feats = pre.transform(splits.X_train)
+    y = np.array([schema.classes.index(c) for c in splits.y_train])
+    est = make_estimator(estimator, {"max_iter": 500}, spec.data.seed).fit(feats, y)
+    onnx_bytes = export.assemble(
+        pre, export.sklearn_model_graph(est, feats.shape[1], spec.task), schema
+    )
+    pred, _ = export.run_onnx(onnx_bytes, splits.X_test, schema)
+    accuracy = float(np.mean(pred == splits.y_test.to_numpy()))
+    files = {
+        "schema.json": schema.to_dict(),
+        "metrics.json": {"accuracy": accuracy},
+        "profile.json": profile(splits.X_train, schema),
+        "spec.yaml": spec_to_yaml(spec),
+        "lineage.json": {"data_hash": splits.content_hash},
+    }
+    version, _ = _log_and_register(
+        registered.uri,
+        spec.name,
+        onnx_bytes,
+        registry.sha256(onnx_bytes),
+        files,
+        {"accuracy": accuracy},
+    )
+    registry.set_alias(registered.uri, spec.name, registry.PRODUCTION, version)
+    return Spaced(spec.name, version, onnx_bytes, schema, splits.X_test)

@@ -39,3 +39,9 @@ def offline_outputs(registered, row: dict):
     from training import export
 
     return export.run_onnx(registered.onnx_bytes, frame, registered.schema)
+
+
+def keyed_by_column(rows: list[dict], schema) -> list[dict]:
+    """Rows keyed by ONNX input names (as ``rows_of`` gives them) re-keyed by the data's own
+    column names, in feature order."""
+    return [{f.column: row[f.name] for f in schema.features} for row in rows]

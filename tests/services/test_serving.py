@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from served import GOOD, offline_outputs, rows_of
+from served import GOOD, keyed_by_column, offline_outputs, rows_of
 
 from services.deploy import PredictError, predict_http, serve_model
 from training import export, registry
@@ -435,6 +435,54 @@ def test_requests_of_one_and_many_rows_share_one_graph_run(
             break
         time.sleep(1)
     assert count > below, f"no graph run of more than 32 rows among {count}"
+
+
+def test_rows_keyed_by_the_datas_own_column_names(endpoint, registered, spaced):
+    """A model whose columns have spaces ("sales region", "tenure (months)"), added to the
+    running endpoint (a user_config change: the replica reconfigures in place). Rows keyed
+    by those names get exactly the answers of rows keyed by the ONNX names; metadata shows
+    the column names; V2 takes tensors under either name."""
+    from services.deploy import serve_models
+    from services.serve_config import ServedModel
+
+    url = serve_models(
+        [ServedModel(name=registered.name, serve=SPEC), ServedModel(name=spaced.name, serve=SPEC)],
+        tracking_uri=registered.uri,
+        port=int(endpoint.rsplit(":", 1)[1]),
+    )
+    X = spaced.X_test
+    by_name = rows_of(X)
+    by_column = keyed_by_column(by_name, spaced.schema)
+    assert "sales region" in by_column[0] and "tenure (months)" in by_column[0]
+    for rows in (by_column[:1], by_column):  # one row, and the whole holdout
+        out = predict_http(url, spaced.name, rows, return_probabilities=True)
+        same = predict_http(url, spaced.name, by_name[: len(rows)], return_probabilities=True)
+        assert out == same and out["model_version"] == spaced.version
+    pred, proba = export.run_onnx(spaced.onnx_bytes, X, spaced.schema)
+    assert out["predictions"] == pred.tolist()
+    np.testing.assert_allclose(np.array(out["probabilities"]), proba, atol=1e-6)
+
+    both = {**by_column[0], "sales_region": "north"}
+    with pytest.raises(PredictError) as info:
+        predict_http(url, spaced.name, [both])
+    assert info.value.status == 400 and info.value.details[0]["field"] == "sales region"
+
+    meta = httpx.get(f"{url}/v1/models/{spaced.name}", timeout=30).json()
+    assert [(i["name"], i["onnx_name"]) for i in meta["inputs"]] == list(
+        zip(spaced.schema.columns, spaced.schema.names, strict=True)
+    )
+    v2_meta = httpx.get(f"{url}/v2/models/{spaced.name}", timeout=30).json()
+    assert [t["name"] for t in v2_meta["inputs"]] == spaced.schema.columns
+
+    tensors = v2_inputs(spaced, X)  # named by ONNX names
+    answers = []
+    for names in (spaced.schema.names, spaced.schema.columns):
+        body = {"inputs": [{**t, "name": n} for t, n in zip(tensors, names, strict=True)]}
+        resp = httpx.post(f"{url}/v2/models/{spaced.name}/infer", json=body, timeout=30)
+        assert resp.status_code == 200, resp.text
+        answers.append({o["name"]: o["data"] for o in resp.json()["outputs"]})
+    assert answers[0] == answers[1] and answers[1]["prediction"] == pred.tolist()
+    assert predict_http(url, registered.name, [GOOD])["model_version"]  # churn serves on
 
 
 def test_the_spec_route_names_the_model_for_clients(endpoint, registered):

@@ -7,7 +7,7 @@ import pandas as pd
 import pytest
 from specs import churn_spec, make_churn
 
-from training.data import MISSING_CATEGORY, DataError, load_frame, load_splits
+from training.data import MISSING_CATEGORY, DataError, FeatureSchema, load_frame, load_splits
 from training.pipeline import prepare
 from training.spec import parse_spec
 
@@ -124,10 +124,83 @@ def test_content_hash_changes_with_one_value(churn_csv, tmp_path):
     assert a != b
 
 
-def test_bundled_sets_load_with_safe_column_names():
+def test_bundled_sets_keep_their_column_names_and_the_schema_records_both():
     frame = load_frame("sklearn:breast_cancer")
-    assert "mean_radius" in frame.columns
-    assert all(c.replace("_", "").isalnum() for c in frame.columns)
+    assert "mean radius" in frame.columns
+    spec = parse_spec(
+        {
+            "name": "bc",
+            "task": "classification",
+            "data": {"source": "sklearn:breast_cancer", "target": "target"},
+            "metric": "accuracy",
+            "models": [{"type": "sklearn", "estimator": "sklearn.linear_model.LogisticRegression"}],
+        }
+    )
+    s = load_splits(spec.data, spec.task)
+    assert s.schema.columns == [c for c in frame.columns if c != "target"]
+    first = s.schema.features[0]
+    assert (first.column, first.name) == ("mean radius", "mean_radius")
+    assert all(n.replace("_", "").isalnum() for n in s.schema.names)
+    assert list(s.X_test.columns) == list(s.X_train.columns) == s.schema.names  # ONNX names
+    assert FeatureSchema.from_dict(s.schema.to_dict()) == s.schema
+    assert s.schema.to_dict()["features"][0]["column"] == "mean radius"
+
+
+SPACED = {"region": "sales region", "tenure_months": "tenure (months)", "churn": "churn status"}
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        {"target": "churn status", "categorical": ["plan", "sales region"]},
+        {"target": "churn_status", "categorical": ["plan", "sales_region"]},  # ONNX names work
+    ],
+    ids=["column-names", "onnx-names"],
+)
+def test_a_spec_names_spaced_columns_by_either_name(tmp_path, names):
+    path = tmp_path / "spaced.csv"
+    make_churn(300).rename(columns=SPACED).to_csv(path, index=False)
+    spec = spec_for(path, features=["tenure (months)", "sales region", "plan"], **names)
+    s = load_splits(spec.data, spec.task)
+    assert [(f.column, f.name, f.dtype) for f in s.schema.features] == [
+        ("tenure (months)", "tenure__months_", "float"),
+        ("sales region", "sales_region", "string"),
+        ("plan", "plan", "string"),
+    ]
+    assert s.schema.target == "churn_status" and s.y_train.name == "churn_status"
+    assert list(s.X_train.columns) == s.schema.names
+    assert s.schema.features[1].categories == ["", "east", "north", "south", "west"]
+
+
+def test_columns_that_share_an_onnx_name_are_refused_naming_both(tmp_path):
+    frame = make_churn(100)
+    frame["monthly-charges"] = frame["monthly_charges"]
+    frame["monthly charges"] = frame["monthly_charges"]
+    path = tmp_path / "clash.csv"
+    frame.to_csv(path, index=False)
+    with pytest.raises(DataError) as info:
+        load_frame(str(path))
+    message = str(info.value)
+    assert message.startswith("data.source:")
+    for name in ("'monthly_charges'", "'monthly-charges'", "'monthly charges'"):
+        assert name in message
+    with pytest.raises(DataError, match="monthly-charges"):
+        load_splits(spec_for(path).data, "classification")
+
+
+def test_a_schema_from_before_column_names_reads_back_with_its_onnx_names():
+    old = {
+        "task": "classification",
+        "target": "target",
+        "features": [
+            {"name": "mean_radius", "dtype": "float", "categories": None},
+            {"name": "plan", "dtype": "string", "categories": ["a", "b"]},
+        ],
+        "classes": [0, 1],
+    }
+    schema = FeatureSchema.from_dict(old)
+    assert schema.columns == schema.names == ["mean_radius", "plan"]
+    assert schema.features[1].categories == ["a", "b"]
 
 
 @pytest.mark.parametrize(

@@ -147,3 +147,17 @@ def test_labels_are_encoded_in_schema_order(churn):
     encoded = encode_labels(churn.splits.y_train, schema)
     decoded = np.asarray(schema.classes)[encoded]
     np.testing.assert_array_equal(decoded, churn.splits.y_train.to_numpy())
+
+
+def test_spaced_columns_are_the_graphs_inputs_by_their_onnx_names():
+    """breast_cancer's "mean radius" is the graph's input "mean_radius": the schema maps one
+    to the other, and the graph still matches the native model."""
+    import onnx
+
+    prep = prepare(spec_of("sklearn:breast_cancer"))
+    schema = prep.splits.schema
+    onnx_bytes, parity, _ = export_and_check(prep, "sklearn", prep.splits.X_test)
+    assert parity.ok, parity
+    inputs = [i.name for i in onnx.load_from_string(onnx_bytes).graph.input]
+    assert inputs == schema.names and inputs[0] == "mean_radius"
+    assert schema.columns[0] == "mean radius"
