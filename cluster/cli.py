@@ -1,8 +1,9 @@
-"""The ``rayship`` command line (Typer, rich).
+"""The ``rayship`` command line: Typer commands, rich output.
 
-Every command exits non-zero with one clear line on a known failure (a refused
-spec, bad data, a failed export, an unknown model, a cluster problem). State
-lives under ``./.rayship`` of the working directory.
+Help is Click's plain layout (``rich_markup_mode=None``), like ``kubectl``'s: one line a
+command, the detail in ``rayship COMMAND --help``. Every command exits non-zero with one
+clear line on a known failure (a refused spec, bad data, a failed export, an unknown
+model, a cluster problem). State lives under ``./.rayship`` of the working directory.
 """
 
 from __future__ import annotations
@@ -15,8 +16,26 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
-models_app = typer.Typer(no_args_is_help=True, help="Registered model versions and aliases.")
+HELP = """rayship searches hyperparameters on Ray, gates and registers the winner in MLflow as an
+ONNX model, and serves it with Ray Serve: on this machine, a Ray cluster or Kubernetes.
+
+Find more information in README.md and docs/."""
+EPILOG = """\b
+Examples:
+  rayship run examples/digits.yaml          # search, gate, register, promote, serve
+  rayship models list digits                # versions, metrics, aliases
+  rayship serve digits --canary 4           # 10% of requests to version 4
+  rayship predict digits --input rows.csv   # a CSV's rows to the endpoint
+  rayship render examples/digits.yaml --out k8s/   # RayJob + RayService manifests
+
+Use "rayship COMMAND --help" for more information about a command."""
+
+app = typer.Typer(
+    no_args_is_help=True, add_completion=False, rich_markup_mode=None, help=HELP, epilog=EPILOG
+)
+models_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="List, promote and roll back versions."
+)
 app.add_typer(models_app, name="models")
 console = Console()
 STATE = Path(".rayship")
@@ -164,13 +183,17 @@ def _print_outcome(outcome) -> None:
 def tune(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML)")],
     num_samples: Annotated[
-        int | None, typer.Option(min=1, help="override search.num_samples")
+        int | None, typer.Option(min=1, metavar="N", help="override search.num_samples")
     ] = None,
     resume: Annotated[
         bool, typer.Option(help="continue the newest interrupted search of this spec")
     ] = False,
 ) -> None:
-    """Search and train; register the winner as `candidate` when it passes the gate."""
+    """Search and train; register a winner that passes the gate.
+
+    The winner becomes version N of the model with the `candidate` alias.
+
+    Exits 2 when no trial passes the gate (nothing is registered then)."""
     spec = _load_spec(spec_path)
     outcome = _search(spec, num_samples, resume, persistent=False)
     _print_outcome(outcome)
@@ -182,12 +205,18 @@ def tune(
 @_guard
 def run(
     spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML)")],
-    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the endpoint")] = 8000,
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, metavar="PORT", help="HTTP port of the endpoint")
+    ] = 8000,
     num_samples: Annotated[
-        int | None, typer.Option(min=1, help="override search.num_samples")
+        int | None, typer.Option(min=1, metavar="N", help="override search.num_samples")
     ] = None,
 ) -> None:
-    """The main job: search → gate → register → promote → serve → one sample prediction."""
+    """Search, gate, register, promote and serve: the main job.
+
+    The winner is promoted to `production` if it beats the current one on the same
+    holdout; the endpoint then serves production and answers one sample request, whose
+    `curl` line is printed. The cluster it starts outlives the command (`rayship down`)."""
     from services.deploy import predict_http, serve_model
     from training import registry
 
@@ -233,11 +262,14 @@ def _beats_production(outcome) -> bool:
 
 
 def _sample_request(outcome) -> dict:
-    """The first holdout row as a V1 request body."""
+    """The first holdout row as a V1 request body, keyed by the data's own column names
+    (the holdout frame is keyed by ONNX input names)."""
     from services.deploy import as_instances
 
     X = outcome.splits.X_test
-    row = {c: X[c].to_numpy()[0] for c in X.columns}  # float32 scalars, which print short
+    row = {  # float32 scalars, which print short
+        f.column: X[f.name].to_numpy()[0] for f in outcome.splits.schema.features
+    }
     return {"instances": as_instances([row])}
 
 
@@ -246,7 +278,7 @@ def _sample_request(outcome) -> dict:
 def models_list(
     name: Annotated[str | None, typer.Argument(help="one model; default: all")] = None,
 ) -> None:
-    """Versions with their holdout metric and aliases."""
+    """List versions with their holdout metric and aliases."""
     from training.registry import list_versions
 
     rows = list_versions(_tracking_uri(), name)
@@ -266,11 +298,15 @@ def models_promote(
     kubernetes: Annotated[
         bool, typer.Option(help="also switch the model's RayService (current kube context)")
     ] = False,
-    namespace: Annotated[str, typer.Option(help="namespace of the RayService")] = "rayship",
+    namespace: Annotated[
+        str, typer.Option(metavar="NS", help="namespace of the RayService")
+    ] = "rayship",
 ) -> None:
-    """Move the `production` alias to VERSION; a local endpoint serving NAME switches to it
-    in place (no restart, no failed request), and a canary of NAME ends. With
-    --kubernetes, the RayService's serveConfigV2 is patched the same way."""
+    """Move the `production` alias to VERSION.
+
+    A local endpoint serving NAME switches to it in place (no restart, no failed
+    request), and a canary of NAME ends. With --kubernetes, the RayService's
+    serveConfigV2 is patched the same way."""
     from training import registry
 
     uri = _tracking_uri()
@@ -295,7 +331,7 @@ def models_promote(
 def models_abort_canary(
     name: Annotated[str, typer.Argument(help="registered model name")],
 ) -> None:
-    """End the canary of NAME on the local endpoint: all traffic back to production."""
+    """End NAME's canary: all traffic back to production."""
     if not _update_live(name, canary=None):
         _fail(f"no local endpoint serves {name}")
 
@@ -361,25 +397,41 @@ def _parse_ref(text: str) -> tuple[str, str]:
 @_guard
 def serve(
     models: Annotated[
-        list[str], typer.Argument(metavar="NAME[@alias|/version]...", help="models to serve")
+        list[str],
+        typer.Argument(metavar="MODEL", help="NAME (production), NAME@alias or NAME/version"),
     ],
-    port: Annotated[int, typer.Option(min=1, max=65535, help="HTTP port of the endpoint")] = 8000,
-    host: Annotated[str, typer.Option(help="HTTP address of the endpoint")] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(min=1, max=65535, metavar="PORT", help="HTTP port of the endpoint")
+    ] = 8000,
+    host: Annotated[
+        str, typer.Option(metavar="HOST", help="HTTP address of the endpoint")
+    ] = "127.0.0.1",
     canary: Annotated[
-        int | None, typer.Option(min=1, help="version to send a share of the traffic to")
+        int | None,
+        typer.Option(min=1, metavar="VERSION", help="version to send a share of the traffic to"),
     ] = None,
     canary_weight: Annotated[
-        float, typer.Option(min=0.0, max=1.0, help="share of requests the canary gets")
+        float,
+        typer.Option(min=0.0, max=1.0, metavar="SHARE", help="share of requests the canary gets"),
     ] = 0.1,
     write_config: Annotated[
         Path | None,
-        typer.Option(help="write the Serve config (for `serve deploy FILE`) and deploy nothing"),
+        typer.Option(
+            metavar="FILE", help="write the Serve config (for `serve deploy FILE`); deploy nothing"
+        ),
     ] = None,
+    access_log: Annotated[
+        bool,
+        typer.Option(
+            "--access-log", help="log every request in the replicas' logs (spec: serve.access_log)"
+        ),
+    ] = False,
 ) -> None:
-    """Serve registered models on one endpoint of the local Ray cluster (started if none
-    runs), each at its own /v1 and /v2 routes, with the serve section (route, replicas,
+    """Serve registered models on one endpoint of the local cluster.
+
+    Each model gets its own /v1 and /v2 routes and the serve section (route, replicas,
     batching) of the spec its version was searched with. The models listed replace what
-    the endpoint served before."""
+    the endpoint served before. A cluster is started if none runs."""
     from services.deploy import deploy
     from services.serve_config import ServedModel, dump, serve_config
     from training import registry
@@ -391,12 +443,16 @@ def serve(
     uri = _tracking_uri()
     served = []
     for name, ref in refs:
-        spec = _serve_section(registry.load_artifact(uri, name, ref))  # fails before Ray
+        spec = (
+            _serve_section(registry.load_artifact(uri, name, ref)) or ServeSpec()
+        )  # fails before Ray
+        if access_log:
+            spec = spec.model_copy(update={"access_log": True})
         served.append(
             ServedModel(
                 name=name,
                 ref=ref,
-                serve=spec or ServeSpec(),
+                serve=spec,
                 canary_ref=None if canary is None else str(canary),
                 canary_weight=0.0 if canary is None else canary_weight,
             )
@@ -435,22 +491,30 @@ def _serve_section(artifact):
 def predict(
     name: Annotated[str, typer.Argument(help="model name (its route)")],
     input: Annotated[
-        Path, typer.Option("--input", exists=True, dir_okay=False, help="CSV of feature rows")
+        Path,
+        typer.Option(
+            "--input", exists=True, dir_okay=False, metavar="CSV", help="CSV of feature rows"
+        ),
     ],
-    url: Annotated[str, typer.Option(help="endpoint base URL")] = "http://127.0.0.1:8000",
+    url: Annotated[
+        str, typer.Option(metavar="URL", help="endpoint base URL")
+    ] = "http://127.0.0.1:8000",
     output: Annotated[
-        Path | None, typer.Option(help="write a CSV with a prediction column")
+        Path | None, typer.Option(metavar="CSV", help="write a CSV with a prediction column")
     ] = None,
-    batch: Annotated[int, typer.Option(min=1, help="rows per request")] = 256,
+    batch: Annotated[int, typer.Option(min=1, metavar="ROWS", help="rows per request")] = 256,
 ) -> None:
-    """Send the rows of a CSV to the endpoint; print or write the predictions."""
+    """Send a CSV's rows to the endpoint; print the predictions.
+
+    With --output, the CSV is written back with a `prediction` column.
+
+    The header names the model's features by the data's own column names (or their
+    ONNX names)."""
     import pandas as pd
 
     from services.deploy import predict_http
-    from training.data import safe_name
 
     frame = pd.read_csv(input)
-    frame.columns = [safe_name(c) for c in frame.columns]
     rows = frame.astype(object).where(frame.notna(), None).to_dict(orient="records")
     predictions = []
     for start in range(0, len(rows), batch):
@@ -466,12 +530,14 @@ def predict(
 @app.command()
 @_guard
 def up(
-    workers: Annotated[int, typer.Option(min=0, help="worker nodes besides the head")] = 1,
+    workers: Annotated[
+        int, typer.Option(min=0, metavar="N", help="worker nodes besides the head")
+    ] = 1,
     cpus_per_node: Annotated[
-        int | None, typer.Option(min=1, help="CPUs each node advertises")
+        int | None, typer.Option(min=1, metavar="N", help="CPUs each node advertises")
     ] = None,
 ) -> None:
-    """Start a local multi-node Ray cluster: a head and N worker nodes on this machine."""
+    """Start a local Ray cluster: a head and N worker nodes."""
     from cluster import local
 
     info = local.up(workers=workers, cpus_per_node=cpus_per_node, state_dir=STATE)
@@ -490,7 +556,7 @@ def down() -> None:
 @app.command()
 @_guard
 def status() -> None:
-    """Nodes and CPUs of the local Ray cluster."""
+    """Show the local cluster's nodes, CPUs, dashboard and ingress."""
     from cluster import local
 
     st = local.status(STATE)
@@ -513,16 +579,38 @@ def status() -> None:
     info = local.info(STATE)
     if info is not None and info.dashboard:
         console.print(f"dashboard (and `serve deploy -a`): {info.dashboard}")
+    if info is not None:
+        console.print(_ingress_line(info))
     console.print(table)
+
+
+def _ingress_line(info) -> str:
+    """How the cluster's endpoints take requests (docs/serving.md, "How a request
+    reaches a replica")."""
+    if info.ingress != "haproxy" or len(info.haproxy_ports) < 2:
+        return (
+            "ingress: Serve's Python proxy (the cluster started with RAY_SERVE_ENABLE_HA_PROXY=0)"
+        )
+    stats, metrics = info.haproxy_ports[:2]
+    first, end = info.replica_ports or (None, None)
+    replicas = f", replicas on ports {first}-{end - 1}" if first is not None else ""
+    return (
+        f"ingress: HAProxy -> replica (stats :{stats}/stats, Prometheus :{metrics}/metrics"
+        f"{replicas})"
+    )
 
 
 # --------------------------------------------------------------------------- Kubernetes
 
-k8s_app = typer.Typer(no_args_is_help=True, help="Follow rayship's RayJob and RayService.")
+k8s_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Follow rayship's RayJob and RayService."
+)
 app.add_typer(k8s_app, name="k8s")
 
 
-Overlay = Annotated[str, typer.Option(help="kustomize overlay: local (kind, minikube) or prod")]
+Overlay = Annotated[
+    str, typer.Option(metavar="NAME", help="kustomize overlay: local (kind, minikube) or prod")
+]
 
 
 def _rendered(spec_path: Path, overlay: str) -> list[dict]:
@@ -542,11 +630,13 @@ def render(
     overlay: Overlay = "local",
     out: Annotated[
         Path | None,
-        typer.Option(help="write one file per object and a kustomization.yaml here"),
+        typer.Option(metavar="DIR", help="write one file per object and a kustomization.yaml here"),
     ] = None,
 ) -> None:
-    """Kubernetes manifests for SPEC: its RayJob (search), RayService (endpoint) and the
-    overlay's namespace, RBAC, NetworkPolicies, PodMonitors and storage."""
+    """Render a spec's Kubernetes manifests.
+
+    Its RayJob (search) and RayService (endpoint), and the overlay's namespace, RBAC,
+    NetworkPolicies, PodMonitors and storage."""
     from cluster import k8s
 
     objects = _rendered(spec_path, overlay)
@@ -565,11 +655,13 @@ def deploy(
         typer.Argument(metavar="SPEC|DIR", help="a spec, or a folder `rayship render` wrote"),
     ],
     overlay: Overlay = "local",
-    context: Annotated[str | None, typer.Option(help="kubeconfig context")] = None,
+    context: Annotated[str | None, typer.Option(metavar="NAME", help="kubeconfig context")] = None,
     watch: Annotated[bool, typer.Option(help="follow the RayJob and RayService")] = False,
 ) -> None:
-    """Apply the manifests with server-side apply (a finished RayJob of the same name is
-    replaced, so the search runs again)."""
+    """Apply a spec's manifests to the current Kubernetes cluster.
+
+    Server-side apply; a finished RayJob of the same name is replaced, so the search
+    runs again."""
     from cluster import k8s, k8s_apply
 
     objects = k8s.read_manifests(source) if source.is_dir() else _rendered(source, overlay)
@@ -631,13 +723,18 @@ def k8s_status(
             "RayJob/RayService names",
         ),
     ],
-    namespace: Annotated[str, typer.Option(help="namespace of the objects")] = "rayship",
-    context: Annotated[str | None, typer.Option(help="kubeconfig context")] = None,
+    namespace: Annotated[
+        str, typer.Option(metavar="NS", help="namespace of the objects")
+    ] = "rayship",
+    context: Annotated[str | None, typer.Option(metavar="NAME", help="kubeconfig context")] = None,
     logs: Annotated[bool, typer.Option(help="stream the RayJob's log")] = True,
-    timeout: Annotated[float, typer.Option(min=1, help="seconds to follow each object")] = 21600,
+    timeout: Annotated[
+        float, typer.Option(min=1, metavar="SECONDS", help="seconds to follow each object")
+    ] = 21600,
 ) -> None:
-    """Follow RayJob and RayService status conditions (and the job's log) until each is
-    done or has failed; exits 1 on a failure state, with what it means."""
+    """Follow a RayJob's and RayService's status until done or failed.
+
+    The job's log is streamed too. Exits 1 on a failure state, saying what it means."""
     from cluster import k8s, k8s_apply
 
     kinds: dict[str, str] = {}

@@ -216,7 +216,9 @@ def up(
             boot_id=_boot_id(),
             started_at=time.time(),
             ingress="haproxy" if ingress.native() else "proxy",
-            haproxy_ports=free_ports(4) if ingress.native() else [],
+            haproxy_ports=ingress.haproxy_ports(os.environ, free_ports(4))
+            if ingress.native()
+            else [],
         )
         if info.ingress == "haproxy":
             block = claim_replica_ports(temp_dir)

@@ -96,3 +96,20 @@ def serve_env(
         env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(replica_ports.start)
         env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(replica_ports.stop - 1)
     return {key: environ.get(key, value) for key, value in env.items()}
+
+
+HAPROXY_PORT_VARS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
+
+
+def haproxy_ports(environ: Mapping[str, str], chosen: list[int]) -> list[int]:
+    """The ports HAProxy will take (stats, metrics, fallback HTTP, fallback gRPC): those
+    ``chosen`` for a cluster, except where ``environ`` already sets one (the user's wins,
+    as in :func:`serve_env`)."""
+    return [
+        int(environ.get(var) or port) for var, port in zip(HAPROXY_PORT_VARS, chosen, strict=True)
+    ]

@@ -91,8 +91,11 @@ def deployment_options(specs: list[ServeSpec]) -> dict[str, Any]:
     - ``max_ongoing_requests`` (not in the spec) is the larger of ``max_batch_size`` (so
       a batch can fill) and twice ``target_ongoing_requests`` (so the autoscaler's target
       is reachable; Serve's default of 5 would be below the spec's default 8).
-    - Beyond ``max_queued_requests`` waiting at the proxy, Serve answers 503 with
-      ``Retry-After`` at once (``backpressure_config``).
+    - Beyond ``max_queued_requests`` waiting (with the native ingress: at a replica),
+      Serve answers 503 with ``Retry-After`` at once (``backpressure_config``).
+    - Replicas write no access log unless a model's spec asks for one
+      (``serve.access_log``, or ``rayship serve --access-log``): on the native ingress
+      a log line per request took a no-op replica from 1.23 to 1.63 ms of CPU a request.
     """
     min_replicas = int(max(s.min_replicas for s in specs))
     target = float(min(s.target_ongoing_requests for s in specs))
@@ -108,6 +111,7 @@ def deployment_options(specs: list[ServeSpec]) -> dict[str, Any]:
             "target_ongoing_requests": target,
         },
         "ray_actor_options": {"num_cpus": float(max(s.cpus_per_replica for s in specs))},
+        "logging_config": {"enable_access_log": any(s.access_log for s in specs)},
     }
 
 

@@ -73,25 +73,46 @@ def test_models_list_shows_the_aliases(run, workdir):
     assert "candidate" in row and "production" in row and "roc_auc" in row
 
 
-def test_predict_sends_a_csv_and_writes_predictions(run, workdir):
-    from sklearn.datasets import load_breast_cancer
+def test_the_sample_request_uses_the_datas_column_names(run, workdir):
+    """The sample `rayship run` sends and the curl line's body: the user's own columns."""
+    sample = json.loads((workdir / ".rayship" / "breast_cancer-sample.json").read_text())
+    (row,) = sample["instances"]
+    assert len(row) == 30 and "mean radius" in row and "mean_radius" not in row
 
-    out, port = run
-    rows = load_breast_cancer(as_frame=True).frame.drop(columns="target").head(5)
-    rows.to_csv(workdir / "rows.csv", index=False)  # raw column names, spaces and all
+
+def predict_csv(port: int, csv: str, out: str, cwd: Path) -> pd.DataFrame:
     done = rayship(
         "predict",
         "breast_cancer",
         "--input",
-        "rows.csv",
+        csv,
         "--url",
         f"http://127.0.0.1:{port}",
         "--output",
-        "out.csv",
-        cwd=workdir,
+        out,
+        cwd=cwd,
     )
     assert done.returncode == 0, done.stdout + done.stderr
-    assert pd.read_csv(workdir / "out.csv")["prediction"].isin([0, 1]).all()
+    return pd.read_csv(cwd / out)
+
+
+def test_predict_sends_a_csv_and_writes_predictions(run, workdir):
+    """A CSV with the table's own header (spaces and all) and one with the ONNX names get
+    the same predictions; the output keeps the input's header."""
+    from sklearn.datasets import load_breast_cancer
+
+    from training.data import safe_name
+
+    out, port = run
+    rows = load_breast_cancer(as_frame=True).frame.drop(columns="target").head(20)
+    rows.to_csv(workdir / "rows.csv", index=False)  # raw column names, spaces and all
+    written = predict_csv(port, "rows.csv", "out.csv", workdir)
+    assert list(written.columns) == [*rows.columns, "prediction"]
+    assert written["prediction"].isin([0, 1]).all() and len(written) == 20
+    rows.rename(columns=safe_name).to_csv(workdir / "safe.csv", index=False)
+    again = predict_csv(port, "safe.csv", "safe-out.csv", workdir)
+    assert "mean_radius" in again.columns
+    assert again["prediction"].tolist() == written["prediction"].tolist()
 
 
 def test_a_second_run_that_does_not_beat_production_keeps_serving_it(run, workdir):
@@ -127,6 +148,7 @@ def test_write_config_is_the_config_serve_deploy_runs(run, workdir):
     )
     uri = tracking_uri(workdir / ".rayship")
     assert text == dump(serve_config([model], tracking_uri=uri, port=port))
+    assert "enable_access_log: false" in text  # replicas log no line per request by default
 
     info = local.info(workdir / ".rayship")
     deployed = subprocess.run(
@@ -190,6 +212,34 @@ def yaml_spec_without_production_gate(folder: Path) -> Path:
     path = folder / "breast_cancer.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
+
+
+def test_access_log_is_one_switch_away(run, workdir):
+    """`rayship serve --access-log` turns on the replicas' request log that is off by default."""
+    import yaml
+
+    out, port = run
+    done = rayship(
+        "serve", "breast_cancer/1", "--port", str(port), "--access-log",
+        "--write-config", "logged.yaml", cwd=workdir,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout + done.stderr
+    (app,) = yaml.safe_load((workdir / "logged.yaml").read_text())["applications"]
+    (deployment,) = app["deployments"]
+    assert deployment["logging_config"] == {"enable_access_log": True}
+
+
+def test_status_shows_the_native_ingress_and_its_stats_page_lists_the_replicas(run, workdir):
+    """`rayship status` names the ingress and HAProxy's stats port; HAProxy's stats page
+    there lists the endpoint's replicas as UP servers."""
+    info = json.loads((workdir / ".rayship" / "cluster.json").read_text())
+    stats = info["haproxy_ports"][0]
+    done = rayship("status", cwd=workdir)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"ingress: HAProxy -> replica (stats :{stats}/stats" in done.stdout
+    csv = httpx.get(f"http://127.0.0.1:{stats}/stats;csv", timeout=10).text
+    up = [ln for ln in csv.splitlines() if ",UP," in ln and not ln.startswith(("#", "stats"))]
+    assert any(not ln.split(",")[1].startswith(("FRONTEND", "BACKEND")) for ln in up), csv
 
 
 def test_down_stops_the_cluster_and_the_endpoint(run, workdir):
