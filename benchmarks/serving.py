@@ -7,14 +7,22 @@ epochs), each behind rayship's fitted preprocessing. They are then served by
 - **rayship**: the ONNX graph (preprocessing inside), registered in MLflow with
   ``training.export``/``training.registry`` and a spec carrying a ``serve``
   section, served by the CLI from a scratch working directory
-  (``rayship up --workers 0``, ``rayship serve NAME@production``, ``rayship down``);
-  ``POST /v1/models/{name}:predict``;
+  (``rayship up --workers 0``, ``rayship serve NAME@production``, ``rayship down``),
+  through Serve's native ingress (HAProxy → a replica's own HTTP server) that
+  ``rayship up`` sets up by default; ``POST /v1/models/{name}:predict``;
+- **rayship-proxy**: the same with ``RAY_SERVE_ENABLE_HA_PROXY=0`` in the environment
+  of ``rayship up``/``serve``: Serve's Python proxy actor, the path before the native
+  ingress, so the before/after is in one table;
 - **mlflow**: ``mlflow models serve --env-manager local --workers <cores>`` on the
   native model (mlflow.sklearn for the estimator, mlflow.pyfunc for the MLP);
   ``POST /invocations``;
 - **bentoml**: a BentoML 1.4 service (``workers="cpu_count"``) in its own venv
   (``benchmarks/.venv-bentoml``, made by ``make bench-serving``); ``POST /predict``;
 - **fastapi**: a plain FastAPI app under ``uvicorn --workers <cores>``; ``POST /predict``;
+- **uvicorn-onnx**: rayship's own request code on the same ONNX graph as a bare ASGI
+  app under ``uvicorn --workers <cores>`` (``benchmarks/peers/uvicorn_onnx.py``): the
+  reference for "rayship >= 0.5x a bare uvicorn app" (not a peer in the best-peer
+  comparison);
 - **ceiling**: onnxruntime called in this process, no HTTP.
 
 Every HTTP server gets the same body, ``{"instances": [[64 floats], ...]}`` with 1
@@ -23,18 +31,33 @@ Load is closed loop from a separate process (``wrk``, else a Python asyncio
 client: see ``benchmarks/serving_load.py``) at each concurrency, after a
 warm-up at that concurrency. One server runs at a time. The peers run with
 ``OMP_NUM_THREADS=1`` (one worker process per core, each single-threaded: no
-oversubscription of the 2 cores). Then the time split of a rayship request:
-in-process steps of the replica's code, and one-at-a-time round trips to trivial
-uvicorn and Ray Serve endpoints (``benchmarks/peers/probe_app.py``,
-``benchmarks/peers/serve_probe.py``).
+oversubscription of the 2 cores).
+
+Then the time split of a rayship request on the native ingress, per model:
+
+- wall time, one request at a time on one keep-alive connection: rayship through
+  HAProxy and straight to a replica's own port (found from Serve's controller), no-op
+  Serve deployments beside rayship's on its cluster (``benchmarks/peers/serve_probe.py``:
+  a plain ``__call__``, and one through ``@serve.batch(64, 0)``) through HAProxy and
+  straight to their replica, the replica's code in this process step by step, and the
+  same code under a one-process uvicorn (with a trivial endpoint there for the HTTP
+  stack alone);
+- CPU milliseconds per request by process class (replicas, haproxy, the HAProxy
+  manager actor, controller, raylet, GCS, dashboard, log monitor, ...) during a
+  closed-loop run at each ``--cpu-concurrency``, from ``/proc/<pid>/stat`` (see
+  ``serving_load.cpu_split``), with the same for an idle window (per second) and for
+  the one-process uvicorn running rayship's code.
+
+The probe applications take ``num_cpus=0`` and their own route prefixes, and are
+deleted before rayship's cluster goes down.
 
     .venv/bin/python benchmarks/serving.py [--quick] [--models hgb,mlp]
-        [--servers rayship,mlflow,bentoml,fastapi] [--out-dir benchmarks/results]
-        [--rayship-replicas N] [--rayship-env KEY=VALUE ...]
+        [--servers rayship,rayship-proxy,mlflow,bentoml,fastapi,uvicorn-onnx]
+        [--out-dir benchmarks/results] [--rayship-replicas N] [--rayship-env KEY=VALUE ...]
 
 ``--rayship-env`` passes environment to ``rayship up``/``serve`` (and so to every
-Ray process), e.g. Ray Serve's ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``, to try a
-setting before building it into rayship.
+Ray process), e.g. one of Ray Serve's tuning switches, to try a setting before
+building it into rayship (``rayship-proxy`` gets it too, with its own switch on top).
 
 Writes ``serving.json``, ``serving.md`` and ``serving.png`` (``--quick``:
 ``serving-quick.*``) under ``--out-dir``; scratch state goes to
@@ -76,18 +99,31 @@ BENTO_VENV = ROOT / "benchmarks" / ".venv-bentoml"
 BIN = Path(sys.executable).parent
 CORES = os.cpu_count() or 1
 PEERS = ("mlflow", "bentoml", "fastapi")
-SERVERS = ("rayship", *PEERS)
+SERVERS = ("rayship", "rayship-proxy", *PEERS, "uvicorn-onnx")
+PROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "0"}  # services.ingress: Serve's Python proxy
 HGB = "sklearn.ensemble.HistGradientBoostingClassifier"
 MLP_LAYERS = [128, 64]
 
 SERVER_NOTES = {
     "rayship": (
         "rayship serve NAME@production on `rayship up --workers 0` (one head node with "
-        "all cores); spec serve section: min_replicas = max_replicas = {replicas} "
-        "(fixed, like the peers' worker count; Serve's autoscaler waits 30 s before "
-        "scaling up, longer than a cell), other serve keys at their defaults "
-        "(max_batch_size 64, batch_wait_timeout_s 0.005, target_ongoing_requests 8, "
-        "max_queued_requests 256, cpus_per_replica 1)"
+        "all cores), Serve's native ingress as `rayship up` sets it (HAProxy in front of "
+        "each replica's own HTTP server; cluster ingress recorded: {ingress}); spec "
+        "serve section: min_replicas = max_replicas = {replicas} (fixed, like the "
+        "peers' worker count; Serve's autoscaler waits 30 s before scaling up, longer "
+        "than a cell), other serve keys as the spec gives them ({serve}){env}"
+    ),
+    "rayship-proxy": (
+        "as rayship, with RAY_SERVE_ENABLE_HA_PROXY=0 in the environment of `rayship "
+        "up`/`serve`: Serve's Python proxy actor in front of the replicas, the path "
+        "before the native ingress (cluster ingress recorded: {ingress_proxy})"
+    ),
+    "uvicorn-onnx": (
+        "uvicorn benchmarks.peers.uvicorn_onnx:app --workers {cores} --no-access-log: "
+        "rayship's own request code (parse_v1, OnnxPredictor.feeds, run_many, respond, "
+        "services.http.dumps) on the same ONNX graph as a bare ASGI app, one worker per "
+        "core like the peers and no access log like rayship's replicas; the reference "
+        "of the '>= 0.5x bare uvicorn' target, not counted as a peer"
     ),
     "mlflow": (
         "mlflow models serve --env-manager local --workers {cores}: MLflow runs uvicorn "
@@ -211,11 +247,13 @@ RAYSHIP_SERVE: dict[str, float] = {}  # --rayship-batch-wait S: the spec's batch
 RAYSHIP_ENV: dict[str, str] = {}  # --rayship-env KEY=VALUE: e.g. Ray Serve's tuning switches
 
 
-def _rayship(args: list[str], cwd: Path, timeout: float = 400) -> str:
+def _rayship(
+    args: list[str], cwd: Path, timeout: float = 400, env: dict[str, str] | None = None
+) -> str:
     out = subprocess.run(
         [str(BIN / "rayship"), *args],
         cwd=cwd,
-        env={**_base_env(), **RAYSHIP_ENV},
+        env={**_base_env(), **RAYSHIP_ENV, **(env or {})},
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -510,17 +548,35 @@ class Server:
 
 
 class Rayship(Server):
+    """rayship's CLI on a scratch working directory: ``up``, ``serve``; ``down`` to stop."""
+
     name = "rayship"
+    env_extra: dict[str, str] = {}
 
     def start(self) -> str:
         cwd = SCRATCH
         _CLUSTERS.add(cwd)
-        _rayship(["up", "--workers", "0"], cwd)
-        _rayship(["serve", f"{self.model.name}@production", "--port", str(self.port)], cwd)
+        _rayship(["up", "--workers", "0"], cwd, env=self.env_extra)
+        _rayship(
+            ["serve", f"{self.model.name}@production", "--port", str(self.port)],
+            cwd,
+            env=self.env_extra,
+        )
         return self.base() + f"/v1/models/{self.model.name}:predict"
+
+    def cluster(self) -> dict[str, Any]:
+        """What ``rayship up`` recorded (``.rayship/cluster.json``): sessions, ingress."""
+        return json.loads((SCRATCH / ".rayship" / "cluster.json").read_text())
 
     def stop(self) -> None:
         _rayship_down(SCRATCH)
+
+
+class RayshipProxy(Rayship):
+    """rayship on Serve's Python proxy (``RAY_SERVE_ENABLE_HA_PROXY=0``): the old path."""
+
+    name = "rayship-proxy"
+    env_extra = PROXY_ENV
 
 
 class MLflow(Server):
@@ -586,18 +642,20 @@ class FastAPIPeer(Server):
         ]
 
 
-class ProbeApp(Server):
-    """rayship's request code under one plain uvicorn process (time split only)."""
+class UvicornOnnx(Server):
+    """rayship's request code as a bare ASGI app under uvicorn (``peers/uvicorn_onnx.py``):
+    one worker per core as the ``uvicorn-onnx`` server, one worker for the time split."""
 
-    name = "probe"
-    health = "/docs"
+    name = "uvicorn-onnx"
+    health = "/health"
+    workers = CORES
 
     def env(self) -> dict[str, str]:
-        folder = SCRATCH / "probe"
+        folder = SCRATCH / "uvicorn-onnx"
         folder.mkdir(parents=True, exist_ok=True)
         (folder / f"{self.model.key}.onnx").write_bytes(self.model.onnx_bytes)
         (folder / f"{self.model.key}.schema.json").write_text(json.dumps(self.model.schema))
-        env = _base_env()
+        env = _peer_env(self.model)
         env.update(
             RAYSHIP_BENCH_ONNX=str(folder / f"{self.model.key}.onnx"),
             RAYSHIP_BENCH_SCHEMA=str(folder / f"{self.model.key}.schema.json"),
@@ -608,17 +666,37 @@ class ProbeApp(Server):
     def command(self) -> list[str]:
         return [
             str(BIN / "uvicorn"),
-            "benchmarks.peers.probe_app:app",
+            "benchmarks.peers.uvicorn_onnx:app",
             "--host",
             "127.0.0.1",
             "--port",
             str(self.port),
             "--workers",
-            "1",
+            str(self.workers),
+            "--no-access-log",
+            "--lifespan",
+            "off",
         ]
 
+    def path(self) -> str:
+        return f"/v1/models/{self.model.name}:predict"
 
-SERVER_CLASSES = {"rayship": Rayship, "mlflow": MLflow, "bentoml": BentoML, "fastapi": FastAPIPeer}
+
+class UvicornProbe(UvicornOnnx):
+    """The same app in one uvicorn process (the time split's "same code under uvicorn")."""
+
+    name = "uvicorn-probe"
+    workers = 1
+
+
+SERVER_CLASSES = {
+    "rayship": Rayship,
+    "rayship-proxy": RayshipProxy,
+    "mlflow": MLflow,
+    "bentoml": BentoML,
+    "fastapi": FastAPIPeer,
+    "uvicorn-onnx": UvicornOnnx,
+}
 
 
 def check_answers(url: str, server: Server, model: Model) -> dict[str, Any]:
@@ -691,6 +769,12 @@ def replica_steps(model: Model, n: int, iterations: int) -> dict[str, float]:
         from services.v1 import parse_v1
     except ImportError:  # before the V1 module was split out
         from services.app import parse_v1
+    try:
+        from services.http import dumps
+    except ImportError:  # before the endpoint's orjson codec
+
+        def dumps(value) -> bytes:
+            return json.dumps(value, separators=(",", ":")).encode()
 
     predictor = OnnxPredictor(model.onnx_bytes, model.schema, model.name, "1")
     body = model.body(n)
@@ -699,16 +783,16 @@ def replica_steps(model: Model, n: int, iterations: int) -> dict[str, float]:
         t0 = time.perf_counter()
         instances, want = parse_v1(body)
         t1 = time.perf_counter()
+        predictor.check_options(want)
         feeds = predictor.feeds(instances)
         t2 = time.perf_counter()
         ((prediction, probabilities),) = predictor.run_many([feeds])
         t3 = time.perf_counter()
-        json.dumps(predictor.respond(prediction, probabilities, want), separators=(",", ":"))
+        dumps(predictor.respond(prediction, probabilities, want))
         t4 = time.perf_counter()
         if i >= 20:
             for key, dt in zip(steps, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
-                dt_list = steps[key]
-                dt_list.append(dt * 1000)
+                steps[key].append(dt * 1000)
     out = {k: statistics.median(v) for k, v in steps.items()}
     out["total"] = sum(out.values())
     return out
@@ -724,8 +808,13 @@ def measure_server(
     try:
         url = server.start()
         info["start_s"] = round(time.monotonic() - t0, 1)
+        if isinstance(server, Rayship):
+            info["ingress"] = server.cluster().get("ingress")
         info["sample_reply"] = check_answers(url, server, model)
-        log(f"  {server.name}: up in {info['start_s']} s, answers match the offline model")
+        log(
+            f"  {server.name}: up in {info['start_s']} s, answers match the offline model"
+            + (f" (ingress: {info['ingress']})" if "ingress" in info else "")
+        )
         for n in cfg.rows:
             body = model.body(n)
             for c in cfg.concurrency:
@@ -741,8 +830,8 @@ def measure_server(
                     f"p50 {cell['p50_ms']:7.2f} ms  p99 {cell['p99_ms']:7.2f} ms  "
                     f"errors {cell['errors']}"
                 )
-        if isinstance(server, Rayship):
-            info["time_split"] = serve_probes(url, model, cfg, log)
+        if server.name == "rayship" and cfg.time_split:
+            info["time_split"] = serve_probes(server, url, model, cfg, log)
     except Exception as exc:
         info["error"] = f"{type(exc).__name__}: {exc}"
         log(f"  {server.name}: FAILED: {info['error']}")
@@ -751,52 +840,131 @@ def measure_server(
     return cells, info
 
 
-def serve_probes(url: str, model: Model, cfg: argparse.Namespace, log) -> dict[str, Any]:
-    """One-at-a-time round trips to rayship and to trivial Serve apps on its cluster."""
-    out: dict[str, Any] = {}
-    base = url.split("/v1/")[0]
-    time.sleep(3)  # let the replicas settle after the load
-    for n in cfg.rows:
-        out[f"rayship_{n}"] = load.sequential(url, model.body(n), cfg.probe_n)
-    # GET metadata: rayship's deployment and ingress without body, batching or the graph.
-    out["rayship_metadata"] = load.sequential(f"{base}/v1/models/{model.name}", None, cfg.probe_n)
-    deploy = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "peers" / "serve_probe.py")],
+def _serve_probe(action: str, base: str) -> dict[str, list[list]]:
+    """Run ``peers/serve_probe.py ACTION`` on rayship's cluster; its TARGETS line, if any."""
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "peers" / "serve_probe.py"), action, base],
         cwd=SCRATCH,
         env=_base_env(),
         capture_output=True,
         text=True,
         timeout=300,
     )
-    if deploy.returncode != 0:
-        out["serve_probe_error"] = (deploy.stdout + deploy.stderr)[-800:]
-        log(f"  serve probes failed to deploy: {out['serve_probe_error'][-300:]}")
-        return out
-    time.sleep(5)  # replicas just started: let their start-up work finish first
-    for name in ("plain", "ingress", "batched", "configured"):
-        path = f"/probe-{name}" + ("" if name == "plain" else "/call")  # see serve_probe.py
+    if out.returncode != 0:
+        raise RuntimeError(f"serve_probe.py {action}: {(out.stdout + out.stderr)[-800:]}")
+    for line in out.stdout.splitlines():
+        if line.startswith("TARGETS "):
+            return json.loads(line.removeprefix("TARGETS "))
+    return {}
+
+
+def _direct(targets: dict[str, list[list]], app: str) -> str:
+    """The base URL of the first replica of ``app``'s own HTTP server."""
+    found = targets.get(app) or []
+    if not found:
+        raise RuntimeError(f"Serve's controller lists no replica port for {app!r}: {targets}")
+    host, port = found[0]
+    return f"http://{host}:{port}"
+
+
+def _cpu_runs(
+    url: str,
+    model: Model,
+    cfg: argparse.Namespace,
+    sids: list[int],
+    label: str,
+    rows: list[int],
+    log,
+) -> list[dict[str, Any]]:
+    """CPU time by process class during a closed loop at each ``cfg.cpu_concurrency``."""
+    runs = []
+    for n in rows:
+        body = model.body(n)
+        for c in cfg.cpu_concurrency:
+            load.closed_loop(url, body, c, 1)  # warm-up at this concurrency, not counted
+            run = load.cpu_split(lambda b=body, c=c: load.closed_loop(url, b, c, cfg.cpu_s), sids)
+            run.update(target=label, rows=n, concurrency=c)
+            runs.append(run)
+            total = sum(run["cpu_ms"].values())
+            log(
+                f"    cpu {label} rows={n} c={c}: {run['rps']:.0f} req/s, "
+                f"{total / max(run['requests'], 1):.2f} ms CPU a request in processes, "
+                f"{run['machine_busy_ms'] / max(run['requests'], 1):.2f} machine-wide"
+            )
+    return runs
+
+
+def serve_probes(
+    server: Rayship, url: str, model: Model, cfg: argparse.Namespace, log
+) -> dict[str, Any]:
+    """The native-ingress time split on rayship's running cluster; see the module docstring."""
+    out: dict[str, Any] = {}
+    base = server.base()
+    sids = [int(s) for s in server.cluster().get("session_ids", [])]
+    time.sleep(3)  # let the replicas settle after the load
+    try:
+        targets = _serve_probe("targets", base)
+        out["rayship_targets"] = targets.get("rayship")
+        direct = _direct(targets, "rayship") + f"/v1/models/{model.name}:predict"
         for n in cfg.rows:
-            out[f"serve_{name}_{n}"] = load.sequential(base + path, model.body(n), cfg.probe_n)
-    log("  rayship time-split probes done")
+            body = model.body(n)
+            out[f"rayship_haproxy_{n}"] = load.sequential(url, body, cfg.probe_n)
+            out[f"rayship_direct_{n}"] = load.sequential(direct, body, cfg.probe_n)
+        out["rayship_metadata"] = load.sequential(
+            f"{base}/v1/models/{model.name}", None, cfg.probe_n
+        )
+        idle = load.cpu_split(lambda: (time.sleep(cfg.cpu_s), {"requests": 0})[1], sids)
+        out["cpu"] = [{**idle, "target": "idle", "rows": None, "concurrency": 0}]
+        out["cpu"] += _cpu_runs(url, model, cfg, sids, "rayship", cfg.rows, log)
+    except Exception as exc:
+        out["rayship_probe_error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  rayship time split failed: {out['rayship_probe_error'][-400:]}")
+        return out
+    try:
+        t0 = time.monotonic()
+        targets = _serve_probe("deploy", base)
+        out["probe_deploy_s"] = round(time.monotonic() - t0, 1)
+        time.sleep(3)  # replicas just started: let their start-up work finish first
+        for app, key in (("probe-noop", "serve_noop"), ("probe-batched", "serve_batched")):
+            direct = _direct(targets, app) + f"/{app}"
+            for n in cfg.rows:
+                body = model.body(n)
+                out[f"{key}_haproxy_{n}"] = load.sequential(f"{base}/{app}", body, cfg.probe_n)
+                out[f"{key}_direct_{n}"] = load.sequential(direct, body, cfg.probe_n)
+        out["cpu"] += _cpu_runs(f"{base}/probe-noop", model, cfg, sids, "serve-noop", [1], log)
+    except Exception as exc:
+        out["serve_probe_error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  serve probes failed: {out['serve_probe_error'][-400:]}")
+    finally:
+        t0 = time.monotonic()
+        try:
+            _serve_probe("delete", base)
+            out["probe_delete_s"] = round(time.monotonic() - t0, 1)
+        except Exception as exc:
+            out["serve_probe_delete_error"] = f"{type(exc).__name__}: {exc}"
+    log(
+        f"  rayship time split done (probes: deployed in {out.get('probe_deploy_s')} s, "
+        f"deleted in {out.get('probe_delete_s')} s)"
+    )
     return out
 
 
 def uvicorn_probes(model: Model, cfg: argparse.Namespace, log) -> dict[str, Any]:
-    server = ProbeApp(model, _free_port(), SCRATCH / "logs")
+    """rayship's code and a trivial endpoint under one uvicorn process: wall and CPU time."""
+    server = UvicornProbe(model, _free_port(), SCRATCH / "logs")
     out: dict[str, Any] = {}
     try:
-        server.start()
+        url = server.start()
         for n in cfg.rows:
             body = model.body(n)
             out[f"uvicorn_trivial_{n}"] = load.sequential(
                 server.base() + "/trivial", body, cfg.probe_n
             )
-            out[f"uvicorn_rayship_code_{n}"] = load.sequential(
-                server.base() + f"/v1/models/{model.name}:predict", body, cfg.probe_n
-            )
+            out[f"uvicorn_code_{n}"] = load.sequential(url, body, cfg.probe_n)
+        out["cpu"] = _cpu_runs(url, model, cfg, [], "uvicorn", cfg.rows, log)
     except Exception as exc:
-        out["error"] = f"{type(exc).__name__}: {exc}"
-        log(f"  uvicorn probes failed: {out['error']}")
+        out["uvicorn_probe_error"] = f"{type(exc).__name__}: {exc}"
+        log(f"  uvicorn probes failed: {out['uvicorn_probe_error']}")
     finally:
         server.stop()
     return out
@@ -850,6 +1018,32 @@ def machine_facts() -> dict[str, Any]:
 # ------------------------------------------------------------------------------- main
 
 
+def server_notes(cfg: argparse.Namespace, servers: dict[str, dict]) -> dict[str, str]:
+    """How each server of this run was configured (SERVER_NOTES, filled in)."""
+    from training.spec import ServeSpec
+
+    serve = ServeSpec(**RAYSHIP_SERVE).model_dump()
+    serve = {k: v for k, v in serve.items() if k not in ("min_replicas", "max_replicas")}
+
+    def ingress(name: str) -> str:
+        seen = {info.get("ingress") for info in servers.get(name, {}).values()}
+        return ", ".join(sorted(str(s) for s in seen if s)) or "unknown"
+
+    fields = {
+        "replicas": cfg.rayship_replicas,
+        "cores": CORES,
+        "bento": bento_version(),
+        "venv": "benchmarks/.venv-bentoml",
+        "serve": ", ".join(f"{k} {v}" for k, v in serve.items()),
+        "env": f"; --rayship-env {RAYSHIP_ENV}" if RAYSHIP_ENV else "",
+        "ingress": ingress("rayship"),
+        "ingress_proxy": ingress("rayship-proxy"),
+    }
+    return {
+        k: v.format(**fields) for k, v in SERVER_NOTES.items() if k in cfg.servers or k == "ceiling"
+    }
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
@@ -876,6 +1070,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         metavar="S",
         help="the rayship spec's serve.batch_wait_timeout_s (default: the spec's default)",
     )
+    parser.add_argument(
+        "--cpu-concurrency",
+        default="1,16",
+        help="comma list of concurrencies of the time split's CPU accounting",
+    )
+    parser.add_argument(
+        "--cpu-seconds", type=float, default=None, help="seconds per CPU-accounting run (5)"
+    )
+    parser.add_argument(
+        "--no-time-split", dest="time_split", action="store_false", help="skip the time split"
+    )
     parser.add_argument("--mlp-epochs", type=int, default=20)
     parser.add_argument("--out-dir", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
@@ -883,6 +1088,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.servers = [s for s in args.servers.split(",") if s]
     args.concurrency = [int(c) for c in args.concurrency.split(",")]
     args.rows = [int(r) for r in args.rows.split(",")]
+    args.cpu_concurrency = [int(c) for c in args.cpu_concurrency.split(",")]
     unknown = [m for m in args.models if m not in ("hgb", "mlp")] + [
         s for s in args.servers if s not in SERVERS
     ]
@@ -892,6 +1098,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.duration = 2.0 if args.quick else 10.0
     if args.warmup is None:
         args.warmup = 1.0 if args.quick else 3.0
+    if args.cpu_seconds is None:
+        args.cpu_seconds = 2.0 if args.quick else 5.0
+    args.cpu_s = args.cpu_seconds
     args.probe_n = 100 if args.quick else 400
     return args
 
@@ -934,8 +1143,11 @@ def main(argv: list[str] | None = None) -> None:
             cells += got
             split.update(info.pop("time_split", {}))
             servers.setdefault(name, {})[model.key] = info
-        if "rayship" in cfg.servers:
-            split.update(uvicorn_probes(model, cfg, log))
+        if "rayship" in cfg.servers and cfg.time_split:
+            log(f"{model.name}: rayship's code under one uvicorn process (time split)")
+            got = uvicorn_probes(model, cfg, log)
+            split["cpu"] = split.get("cpu", []) + got.pop("cpu", [])
+            split.update(got)
         splits[model.key] = split
 
     result = {
@@ -951,18 +1163,11 @@ def main(argv: list[str] | None = None) -> None:
             "rayship_env": RAYSHIP_ENV,
             "rayship_serve": RAYSHIP_SERVE,
             "probe_requests": cfg.probe_n,
+            "cpu_concurrency": cfg.cpu_concurrency,
+            "cpu_seconds": cfg.cpu_s,
             "peer_env": {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"},
         },
-        "server_notes": {
-            k: v.format(
-                replicas=cfg.rayship_replicas,
-                cores=CORES,
-                bento=bento_version(),
-                venv="benchmarks/.venv-bentoml",
-            )
-            for k, v in SERVER_NOTES.items()
-            if k in cfg.servers or k == "ceiling"
-        },
+        "server_notes": server_notes(cfg, servers),
         "models": {
             m.key: {
                 "name": m.name,

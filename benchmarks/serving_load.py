@@ -10,7 +10,9 @@ asyncio client with one keep-alive connection per concurrent user, pre-encoded
 requests and minimal response parsing, in its own process.
 
 :func:`sequential` is the time-split probe: one keep-alive connection, one request
-at a time, from the calling process.
+at a time, from the calling process. :func:`cpu_split` runs a closed loop while it
+reads every process's CPU time from ``/proc``: CPU milliseconds a request by process
+class.
 """
 
 from __future__ import annotations
@@ -19,12 +21,15 @@ import argparse
 import asyncio
 import http.client
 import json
+import os
 import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -142,6 +147,153 @@ def sequential(url: str, body: bytes | None, n: int, warmup: int = 20) -> dict:
         "mean_ms": statistics.fmean(times),
         "errors": errors,
         **({"first_error": first_error} if errors else {}),
+    }
+
+
+# --- CPU time by process during a closed loop -------------------------------------------
+
+HZ = os.sysconf("SC_CLK_TCK")
+
+# Ray renames its workers (setproctitle): a process is classified by its latest command
+# line, first match wins. Only processes of the cluster's sessions get these classes.
+RAY_CLASSES = (
+    ("ray::ServeReplica:rayship:", "replicas (rayship)"),
+    ("ray::ServeReplica:", "replicas (probe apps)"),
+    ("ray::HAProxyManager", "HAProxy manager actor"),
+    ("ray::ServeController", "Serve controller"),
+    ("ray::ProxyActor", "Serve proxy actor"),
+    ("/raylet/raylet", "raylet"),
+    ("gcs_server", "GCS"),
+    ("ray::DashboardAgent", "dashboard agent"),
+    ("ray::RuntimeEnvAgent", "runtime-env agent"),
+    ("ray-dashboard-", "dashboard head modules"),
+    ("dashboard/dashboard.py", "dashboard head"),
+    ("log_monitor.py", "log monitor"),
+    ("autoscaler/_private/monitor.py", "autoscaler monitor"),
+    ("ray.util.client.server", "Ray client server"),
+    ("ray::IDLE", "idle Ray workers"),
+)
+
+
+def _proc_times() -> dict[int, tuple[int, int]]:
+    """pid -> (session id, utime + stime in clock ticks) of every process now."""
+    out = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(b")") + 2 :].split()  # from field 3 (state) on
+        out[int(name)] = (int(fields[3]), int(fields[11]) + int(fields[12]))
+    return out
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode(errors="replace").strip()
+    except OSError:
+        return None
+
+
+def _machine_busy() -> int:
+    """Busy clock ticks of the whole machine (all CPUs) from /proc/stat."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:9]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = ticks
+    return user + nice + system + irq + softirq + steal
+
+
+def classify(cmdline: str, sid: int, cluster_sids: Collection[int], me: int, pid: int) -> str:
+    """The process class of one process (see RAY_CLASSES)."""
+    if pid == me:
+        return "benchmark process (sampler)"
+    first = cmdline.split(" ", 1)[0]
+    if sid in cluster_sids:
+        if os.path.basename(first) == "haproxy":
+            return "haproxy"
+        for needle, name in RAY_CLASSES:
+            if needle in cmdline:
+                return name
+        return "other Ray processes"
+    if os.path.basename(first) == "wrk":
+        return "wrk (load generator)"
+    if "uvicorn" in cmdline:
+        return "uvicorn"
+    return "outside the cluster (other work)"
+
+
+class _Sampler(threading.Thread):
+    """Reads every process's CPU time every ``interval`` s: a process that exits during
+    the run (HAProxy replaces itself on each reload) keeps what it was last seen using;
+    one that starts during the run counts from zero."""
+
+    def __init__(self, interval: float):
+        super().__init__(daemon=True)
+        self.interval = interval
+        self.first = _proc_times()
+        self.last = dict(self.first)
+        self.cmd = {pid: _cmdline(pid) or "" for pid in self.first}
+        self.stop = threading.Event()
+
+    def sample(self) -> None:
+        for pid, value in _proc_times().items():
+            if pid not in self.last:
+                self.cmd[pid] = _cmdline(pid) or ""
+            self.last[pid] = value
+
+    def run(self) -> None:
+        while not self.stop.wait(self.interval):
+            self.sample()
+
+    def finish(self) -> None:
+        self.stop.set()
+        self.join()
+        self.sample()
+        for pid in self.last:  # the latest command line of those still alive
+            self.cmd[pid] = _cmdline(pid) or self.cmd.get(pid, "")
+
+
+def cpu_split(
+    run: Callable[[], dict],
+    cluster_sids: Collection[int],
+    interval: float = 0.25,
+) -> dict:
+    """Run ``run`` (a closed loop returning ``requests``) while accounting CPU time.
+
+    Returns ``run``'s result plus ``wall_s``, ``cpu_ms`` (process class -> CPU ms over the
+    run, all processes of that class together), ``machine_busy_ms`` (all CPUs, from
+    /proc/stat: includes kernel interrupt work no process is charged with) and
+    ``processes`` (class -> how many pids took CPU). ``cluster_sids``: the session ids of
+    the Ray cluster's process trees (everything a ``ray start`` started, HAProxy too).
+    """
+    me = os.getpid()
+    sampler = _Sampler(interval)
+    busy0, t0 = _machine_busy(), time.monotonic()
+    sampler.start()
+    try:
+        result = run()
+    finally:
+        sampler.finish()
+    wall, busy1 = time.monotonic() - t0, _machine_busy()
+    cpu: dict[str, float] = {}
+    pids: dict[str, int] = {}
+    for pid, (sid, ticks) in sampler.last.items():
+        used = ticks - sampler.first.get(pid, (sid, 0))[1]
+        if used <= 0:
+            continue
+        name = classify(sampler.cmd.get(pid, ""), sid, cluster_sids, me, pid)
+        cpu[name] = cpu.get(name, 0.0) + used * 1000 / HZ
+        pids[name] = pids.get(name, 0) + 1
+    return {
+        **result,
+        "wall_s": round(wall, 3),
+        "cpu_ms": dict(sorted(cpu.items(), key=lambda kv: -kv[1])),
+        "machine_busy_ms": (busy1 - busy0) * 1000 / HZ,
+        "processes": pids,
     }
 
 
