@@ -17,6 +17,12 @@ Native ingress (the default):
 - ``RAY_SERVE_THROUGHPUT_OPTIMIZED=1``: the replica runs the application on its main
   event loop (no hop to a second loop thread per request), buffers its logs and
   freezes the start-up objects out of the garbage collector.
+- ``RAY_worker_niceness=0``: the raylet starts its workers (the replicas among them) at
+  the priority of everything else instead of Ray's default nice 15, so Ray's own
+  daemons (dashboard agent, controller, GCS: 0.2 s of CPU a second between them) no
+  longer preempt a replica mid-request. Measured on 2 cores (MLP, 1 row, two interleaved
+  rounds each): p99 at 8 clients 9.1–9.3 ms instead of 24–42 ms, at 32 clients 23–25 ms
+  instead of 39–86 ms, for 3–8 % less throughput.
 
 Measured on 2 cores (a no-op deployment, 16 concurrent clients): the Python proxy took
 ~15 ms of CPU a request; HAProxy with the replica defaults 1.6 ms of replica CPU; with
@@ -40,7 +46,11 @@ from collections.abc import Mapping
 from pathlib import Path
 
 SWITCH = "RAY_SERVE_ENABLE_HA_PROXY"
-NATIVE = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+NATIVE = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    "RAY_worker_niceness": "0",
+}
 
 
 def native(environ: Mapping[str, str] = os.environ) -> bool:

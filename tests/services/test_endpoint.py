@@ -134,6 +134,17 @@ def test_requests_go_from_haproxy_straight_to_a_replica(registered, port, native
     after = haproxy_servers(stats_port)
     assert all(after[n][1] <= answers for n, (_, answers) in backup.items()), after
     assert sum(after[n][1] for n in replicas if n in after) > 0, after
+    # Replicas run at the priority of Ray's daemons, not Ray's default nice 15.
+    pids = replica_pids()
+    assert pids and all(os.getpriority(os.PRIO_PROCESS, pid) == 0 for pid in pids), pids
+
+
+def replica_pids() -> list[int]:
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    deployment = details["applications"]["rayship"]["deployments"]["ModelServer"]
+    return [r["pid"] for r in deployment["replicas"] if r["state"] == "RUNNING"]
 
 
 def test_a_ten_percent_canary_gets_about_ten_percent(registered, port):
