@@ -59,10 +59,12 @@ def _log_and_register(uri: str, name: str, onnx_bytes: bytes, sha: str, files: d
     return version, source
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def native_ingress(free_port):
     """Every Ray these tests start serves through Serve's native ingress (HAProxy → replica),
-    as rayship's clusters do: the environment Ray's processes inherit from ``ray.init``."""
+    as rayship's clusters do: the environment Ray's processes inherit from ``ray.init``.
+    Per module (each starts its own Ray): the environment is restored after it, so tests
+    elsewhere start Ray as users do."""
     import os
     import shutil
     import tempfile
