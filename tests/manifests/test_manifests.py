@@ -181,6 +181,7 @@ def test_policy_catches_a_violation(built, breach):
 
 # --------------------------------------------------------------------- native ingress
 
+
 def _ray_containers(service: dict) -> list[dict]:
     cluster = service["spec"]["rayClusterConfig"]
     groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
