@@ -34,6 +34,13 @@ def rayship(*args: str, cwd: Path) -> subprocess.Popen:
     )
 
 
+def finished(result_json: str) -> bool:
+    """Whether a trial's last report was its last: the logistic regression reports once,
+    the forest when it holds all its trees."""
+    last = json.loads(result_json.splitlines()[-1])
+    return last.get("iterations") in (None, last.get("budget"))
+
+
 def reported_trials(state: Path) -> list[Path]:
     return [p for p in state.glob("searches/churn-*/trial-*/result.json") if p.stat().st_size]
 
@@ -81,8 +88,12 @@ def test_an_interrupted_search_resumes_where_it_stopped(tmp_path, churn_csv):
     after = {p.parent.name: p.read_text() for p in reported_trials(state)}
     assert len(after) == TRIALS
     for trial, result in done_before.items():
-        # A trial that had finished was not run again.
-        assert after[trial] == result
+        # Reports made before the interruption stay; a trial that had finished was not
+        # run again (the forest grows in 10 reported steps; a growing trial cut off
+        # mid-way continues from its checkpoint).
+        assert after[trial].startswith(result)
+        if finished(result):
+            assert after[trial] == result
     assert [v["aliases"] for v in registry.list_versions(registry.tracking_uri(state))] == [
         ["candidate"]
     ]
