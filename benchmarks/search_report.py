@@ -151,6 +151,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     args = parser.parse_args()
+    args.results, args.out = args.results.resolve(), args.out.resolve()
     where = args.results.relative_to(ROOT) if args.results.is_relative_to(ROOT) else args.results
     lines = [
         "# Search benchmarks",
