@@ -143,16 +143,8 @@ def _epochs(
         opt.load_state_dict(opt_state)
     loss_fn = torch.nn.CrossEntropyLoss() if classify else torch.nn.MSELoss()
     X_valid_t = torch.as_tensor(X_valid).to(device)
-    for epoch in range(start_epoch, int(config["epochs"])):
-        torch.manual_seed(ctx.seed + epoch)  # dropout
-        shuffle.manual_seed(ctx.seed + epoch)
-        if world_size > 1:
-            loader.sampler.set_epoch(epoch)
-        model.train()
-        for xb, yb in loader:
-            opt.zero_grad()
-            loss_fn(model(xb.to(device)), yb.to(device)).backward()
-            opt.step()
+
+    def report_epoch(epoch: int) -> None:
         metrics: dict[str, Any] = {"epoch": epoch}
         state = None
         if rank == 0:  # Ray Train forwards rank 0's metrics to Tune
@@ -166,6 +158,23 @@ def _epochs(
                 "y_std": y_std,
             }
         report(metrics, state)
+
+    epochs = int(config["epochs"])
+    if checkpoint and start_epoch >= epochs:
+        # Restored from a last epoch's checkpoint (PBT cloning a finished trial): report
+        # that model once, so the trial's last result is the model it now holds.
+        report_epoch(start_epoch - 1)
+    for epoch in range(start_epoch, epochs):
+        torch.manual_seed(ctx.seed + epoch)  # dropout
+        shuffle.manual_seed(ctx.seed + epoch)
+        if world_size > 1:
+            loader.sampler.set_epoch(epoch)
+        model.train()
+        for xb, yb in loader:
+            opt.zero_grad()
+            loss_fn(model(xb.to(device)), yb.to(device)).backward()
+            opt.step()
+        report_epoch(epoch)
 
 
 def _valid_score(net, X_valid_t, y_valid: np.ndarray, ctx: TrialContext, y_mean, y_std) -> float:
