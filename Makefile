@@ -29,8 +29,15 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# Search benchmarks (benchmarks/RESULTS.md): `make bench` (full, repeats) or
+# `make bench QUICK=1` (smaller cases, one run each; results under benchmarks/results/quick).
+BENCH_MODE := $(if $(QUICK),--quick,)
+BENCH_RESULTS := benchmarks/results$(if $(QUICK),/quick,)
+
 bench: setup
-	$(BIN)/python benchmarks/trial_overhead.py --out benchmarks/results/trial_overhead.json
+	$(BIN)/python benchmarks/overhead.py $(BENCH_MODE)
+	$(BIN)/python benchmarks/tuning.py $(BENCH_MODE)
+	$(BIN)/python benchmarks/search_report.py --results $(BENCH_RESULTS)
 
 # Serving benchmark (benchmarks/serving.py; ARGS=--quick for a smoke run). BentoML gets
 # its own venv: installed beside Ray Serve it would change versions Serve needs. 1.4.39:

@@ -6,10 +6,18 @@ space. A searcher samples every family's keys; the trial uses only its own.
 Each trial's params and metrics land in MLflow through Ray's MLflow logger
 callback. A search lives under ``<state>/searches/<name>-<stamp>``; ``resume``
 restores the newest one with :meth:`ray.tune.Tuner.restore`.
+
+Trials are cheap to start: Tune reuses trial actors (``reuse_actors``; Ray's default
+has been off since 2.10, and a new actor cost 3 s a trial here), and every trial
+that trains in its own process (scikit-learn, a 1-worker torch MLP) asks for the same
+resources, so any finished trial's actor can take the next trial. Schedulers count
+reports (``training_iteration``): a torch trial reports every epoch, a growing
+scikit-learn trial at ``reports`` equal shares of its budget.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -104,8 +112,9 @@ def planned_trials(spec: Spec, num_samples: int | None = None) -> int:
 
 
 def _searcher(spec: Spec):
-    from ray.tune.search import ConcurrencyLimiter
-
+    """The spec's search algorithm. Tune wraps it in a ``ConcurrencyLimiter`` of the
+    search's ``max_concurrent_trials`` (always set), which also lets Tune keep that many
+    trials pending (without one, a searcher gets one pending trial at a time)."""
     alg = spec.search.algorithm
     if alg in ("random", "grid"):
         return None  # Tune's BasicVariantGenerator
@@ -118,30 +127,57 @@ def _searcher(spec: Spec):
         from ray.tune.search.hyperopt import HyperOptSearch
 
         searcher = HyperOptSearch(random_state_seed=spec.data.seed)
-    if spec.search.max_concurrent_trials:
-        return ConcurrencyLimiter(searcher, spec.search.max_concurrent_trials)
     return searcher
 
 
-def _max_epochs(spec: Spec) -> int:
-    """The most epochs any trial can run: the schedulers' ``max_t`` (1 report a sklearn trial)."""
-    epochs = [1]
+SKLEARN_STEPS = 10  # reports of a growing estimator in a search without torch families
+MAX_SKLEARN_STEPS = 30  # each report writes a checkpoint of the whole estimator
+
+
+def _epochs(model) -> list[int]:
+    """The epoch counts a torch family's space allows (its largest for a range)."""
+    value = model.space.get("epochs", TORCH_DEFAULTS["epochs"])
+    if isinstance(value, Choice):
+        values = value.choice
+    elif isinstance(value, Range):
+        values = [value.bounds[1]]
+    else:
+        values = [value]
+    return [int(v) for v in values if isinstance(v, int | float)]
+
+
+def _grows(model) -> bool:
+    """Whether a scikit-learn family reports in steps (see training.grow)."""
+    from training.grow import growth_of
+    from training.spec import instantiate
+
+    constants = {k: v for k, v in model.space.items() if not isinstance(v, Distribution)}
+    return growth_of(instantiate(model.estimator, constants)) is not None
+
+
+def sklearn_steps(spec: Spec) -> int:
+    """How many times a growing scikit-learn trial reports: as many as the longest torch
+    family has epochs (so a rung is the same share of every trial's budget), else
+    ``SKLEARN_STEPS``; at most ``MAX_SKLEARN_STEPS``."""
+    epochs = [e for m in spec.models if m.type == "torch_mlp" for e in _epochs(m)]
+    return max(1, min(max(epochs) if epochs else SKLEARN_STEPS, MAX_SKLEARN_STEPS))
+
+
+def max_reports(spec: Spec) -> int:
+    """The most reports any trial makes: the schedulers' ``max_t``."""
+    reports = [1]
     for m in spec.models:
-        value = m.space.get("epochs", TORCH_DEFAULTS["epochs"]) if m.type == "torch_mlp" else 1
-        if isinstance(value, Choice):
-            values = value.choice
-        elif isinstance(value, Range):
-            values = [value.bounds[1]]
-        else:
-            values = [value]
-        epochs += [int(v) for v in values if isinstance(v, int | float)]
-    return max(epochs)
+        if m.type == "torch_mlp":
+            reports += _epochs(m)
+        elif _grows(m):
+            reports.append(sklearn_steps(spec))
+    return max(reports)
 
 
 def _scheduler(spec: Spec):
     from ray.tune import schedulers
 
-    max_t = _max_epochs(spec)
+    max_t = max_reports(spec)
     name = spec.search.scheduler
     if name == "asha":
         return schedulers.ASHAScheduler(
@@ -190,19 +226,24 @@ def _scheduler(spec: Spec):
 
 
 def trial_resources(spec: Spec) -> Callable[[dict[str, Any]], dict[str, float]]:
-    """Tune resources per trial: a sklearn trial uses its CPUs; a torch trial is only a
-    Train driver (its workers hold the CPUs), so it asks for no CPU, only a little memory
-    (Tune refuses an empty request; a CPU sliver would make 2 workers on 2 CPUs infeasible)."""
+    """Tune resources per trial.
+
+    A trial that trains in its own process (scikit-learn, a 1-worker torch MLP) asks for
+    ``cpus_per_trial`` CPUs (and its GPU): one shape, so a reused actor can take any
+    such trial. A DDP trial is only a Ray Train driver (its workers hold the CPUs), so it
+    asks for no CPU, only a little memory (Tune refuses an empty request; a CPU sliver
+    would make 2 workers on 2 CPUs infeasible)."""
     models = spec.models
     cpus = spec.search.cpus_per_trial
 
     def resources(config: dict[str, Any]) -> dict[str, float]:
         family, _ = family_params(config)
-        return (
-            {"CPU": 0, "memory": 64 * 1024**2}
-            if models[family].type == "torch_mlp"
-            else {"CPU": cpus}
-        )
+        model = models[family]
+        if model.type == "torch_mlp" and model.workers >= 2:
+            return {"CPU": 0, "memory": 64 * 1024**2}
+        if model.type == "torch_mlp" and model.gpus_per_worker:
+            return {"CPU": cpus, "GPU": model.gpus_per_worker}
+        return {"CPU": cpus}
 
     return resources
 
@@ -236,6 +277,17 @@ def storage_root(state_dir: Path, kind: str = "searches") -> str:
     return str((state_dir / kind).resolve())
 
 
+def _checkpoints_kept(spec: Spec) -> int | None:
+    """Checkpoints kept per trial: the newest only, except under PBT, where a trial
+    exploits another's checkpoint some time after PBT picked it; by then the other
+    trial has reported again, and with one kept the picked checkpoint is gone (the
+    exploiting trial then fails with "does not exist on storage anymore")."""
+    return None if spec.search.scheduler == "pbt" else 1
+
+
+NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # run_search passes its own loggers
+
+
 def run_search(
     spec: Spec,
     ctx: TrialContext,
@@ -251,13 +303,17 @@ def run_search(
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
     from ray import tune
-    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
+    from training.tracking import MLflowTrials
+
+    ctx = dataclasses.replace(ctx, reports=sklearn_steps(spec))
     trainable = tune.with_resources(tune.with_parameters(run_trial, ctx=ctx), trial_resources(spec))
     searches = (state_dir / "searches").resolve()
-    mlflow_cb = MLflowLoggerCallback(
-        tracking_uri=mlflow_uri, experiment_name=f"{spec.name}-search", save_artifact=False
-    )
+    # result.json and progress.csv are what Tune's results and the tests read; Tune's
+    # third default logger (TensorBoard) imports torch into this process (4 s here).
+    own = [MLflowTrials(mlflow_uri, f"{spec.name}-search", resume=resume)]
+    own += [JsonLoggerCallback(), CSVLoggerCallback(), *(callbacks or [])]
     start = time.monotonic()
     if resume:
         path = latest_search(state_dir, spec.name)
@@ -266,10 +322,10 @@ def run_search(
         tuner = tune.Tuner.restore(
             str(path.resolve()), trainable, resume_unfinished=True, resume_errored=True
         )
-        # The restored run config holds the callbacks as pickled; show this process's.
+        # The restored run config holds the callbacks as pickled; use this process's.
         local = getattr(tuner, "_local_tuner", None)
-        if local is not None and callbacks:
-            local.get_run_config().callbacks = [mlflow_cb, *callbacks]
+        if local is not None:
+            local.get_run_config().callbacks = own
     else:
         cpus = ray.cluster_resources().get("CPU", 1)
         concurrency = spec.search.max_concurrent_trials or default_concurrency(spec, cpus)
@@ -283,6 +339,7 @@ def run_search(
                 scheduler=_scheduler(spec),
                 num_samples=num_samples or spec.search.num_samples,
                 max_concurrent_trials=concurrency,
+                reuse_actors=True,
                 time_budget_s=spec.search.time_budget_s,
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
             ),
@@ -290,15 +347,21 @@ def run_search(
                 name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
                 storage_path=storage_root(state_dir),
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
-                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-                callbacks=[mlflow_cb, *(callbacks or [])],
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_kept(spec)),
+                callbacks=own,
                 verbose=0,
             ),
         )
     handler = signal.getsignal(signal.SIGINT)
+    loggers = os.environ.get(NO_AUTO_LOGGERS)
+    os.environ[NO_AUTO_LOGGERS] = "1"
     try:
         grid = tuner.fit()
     finally:
+        if loggers is None:
+            os.environ.pop(NO_AUTO_LOGGERS, None)
+        else:
+            os.environ[NO_AUTO_LOGGERS] = loggers
         # Tune swaps in its own SIGINT handler for the run and, on Ctrl-C, stops the
         # run, saves its state, marks the running trials TERMINATED and puts the
         # previous handler back. That swap is the only trace an interruption leaves.

@@ -1,0 +1,192 @@
+"""How trials run: reused actors, a 1-worker torch trial inside its Tune trial (and
+its resume after its process is killed), scikit-learn estimators grown in steps so
+ASHA stops the weak ones, PBT on torch trials, and the DDP example.
+
+One local Ray of 2 CPUs is shared by the module; every search is real (Tune, MLflow
+SQLite store, export and gate).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import joblib
+import pytest
+from ray.tune import Callback
+from specs import ROOT, churn_spec
+
+from training.evaluate import score
+from training.pipeline import prepare, search_and_register
+from training.spec import load_spec, parse_spec
+from training.train import family_params
+
+HGB = "sklearn.ensemble.HistGradientBoostingClassifier"
+LOGREG = "sklearn.linear_model.LogisticRegression"
+
+
+@pytest.fixture(scope="module")
+def ray_local(free_port):
+    import ray
+
+    # The dashboard serves the state API Ray Train's placement-group cleaner uses (DDP).
+    ray.init(num_cpus=2, include_dashboard=True, dashboard_port=free_port(), log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def reports(experiment_path: str) -> dict[str, list[dict]]:
+    """Every trial's reports (result.json lines), by trial folder name."""
+    return {
+        d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
+        for d in Path(experiment_path).glob("trial-*")
+    }
+
+
+def search(raw: dict, state: Path, **kwargs):
+    return search_and_register(parse_spec(raw), state_dir=state, **kwargs)
+
+
+def test_trial_actors_are_reused_across_trials_and_families(ray_local, churn_csv, tmp_path):
+    """Eight trials of two families (a 1-worker torch MLP and a logistic regression),
+    two at a time: every trial ran in one of two processes."""
+    raw = churn_spec(
+        churn_csv,
+        models=[
+            {"type": "sklearn", "estimator": LOGREG, "space": {"C": {"loguniform": [0.1, 10.0]}}},
+            {"type": "torch_mlp", "workers": 1, "space": {"hidden_layers": [8], "epochs": 2}},
+        ],
+        search={
+            "algorithm": "random",
+            "scheduler": "none",
+            "num_samples": 8,
+            "max_concurrent_trials": 2,
+        },
+        gate={"min_metric": None},
+    )
+    result = search(raw, tmp_path)
+    assert result.search.trials == 8 and result.search.errored == 0
+    trials = reports(result.search.experiment_path).values()
+    families = {family_params(r[0]["config"])[0] for r in trials}
+    assert families == {0, 1}  # both families ran
+    pids = {row["pid"] for r in trials for row in r}
+    assert len(pids) <= 2, pids
+
+
+class KillOnce(Callback):
+    """A Tune callback that SIGKILLs a trial's process when it reports epoch ``epoch``."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.killed: int | None = None
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        if self.killed is None and result.get("epoch") == self.epoch:
+            self.killed = result["pid"]
+            os.kill(result["pid"], signal.SIGKILL)
+
+
+def test_a_one_worker_torch_trial_resumes_from_its_checkpoint_when_its_process_dies(
+    ray_local, churn_csv, tmp_path
+):
+    raw = churn_spec(
+        churn_csv,
+        models=[{"type": "torch_mlp", "workers": 1, "space": {"hidden_layers": [16], "epochs": 6}}],
+        search={"algorithm": "grid", "scheduler": "none", "num_samples": 1, "max_failures": 1},
+        gate={"min_metric": None},
+    )
+    kill = KillOnce(epoch=1)
+    result = search(raw, tmp_path, callbacks=[kill])
+    assert kill.killed is not None
+    assert result.search.trials == 1 and result.search.errored == 0
+    (rows,) = reports(result.search.experiment_path).values()
+    # Tune rolls a failed trial's log back to its last checkpoint, so the log is the
+    # history the final model has: every epoch once, the first from the killed process,
+    # the rest from the retry, which started after a checkpointed epoch, not at 0.
+    assert [r["epoch"] for r in rows] == list(range(6))
+    assert rows[0]["pid"] == kill.killed != rows[-1]["pid"]
+    first_retried = next(r for r in rows if r["pid"] != kill.killed)
+    assert first_retried["epoch"] >= 1
+    assert result.passed and result.search.best_metrics["epoch"] == 5
+
+
+def test_asha_stops_a_growing_estimator_early_and_the_winner_is_the_model_reported(
+    ray_local, churn_csv, tmp_path
+):
+    """HistGradientBoosting grows in 10 reported steps of 4 stages; one trial at a time:
+    a good one, then one that cannot learn (learning rate 1e-9)."""
+    raw = churn_spec(
+        churn_csv,
+        models=[
+            {
+                "type": "sklearn",
+                "estimator": HGB,
+                "space": {"max_iter": 40, "learning_rate": {"choice": [0.1, 1e-9]}},
+            }
+        ],
+        search={
+            "algorithm": "grid",
+            "scheduler": "asha",
+            "num_samples": 1,
+            "max_concurrent_trials": 1,
+            "max_failures": 0,
+        },
+        gate={"min_metric": None},
+    )
+    result = search(raw, tmp_path)
+    assert result.search.trials == 2 and result.search.errored == 0
+    steps = {}
+    for rows in reports(result.search.experiment_path).values():
+        lr = family_params(rows[0]["config"])[1]["learning_rate"]
+        steps[lr] = [r["iterations"] for r in rows]
+    assert steps[0.1] == list(range(4, 41, 4))  # grown to the end
+    assert steps[1e-9] == [4, 8]  # stopped by ASHA at its first rung (2 reports)
+
+    # The registered model is the estimator of the winner's last report.
+    best = result.search.best_metrics
+    est = joblib.load(Path(result.search.best_checkpoint) / "estimator.joblib")
+    assert est.n_iter_ == best["iterations"] == 40
+    arrays = prepare(parse_spec(raw)).arrays
+    valid = score("f1_macro", arrays["y_valid"], est.predict(arrays["X_valid"]))
+    assert valid == pytest.approx(best["f1_macro"])
+
+
+def test_pbt_perturbs_torch_trials_and_registers_a_version(ray_local, churn_csv, tmp_path):
+    raw = churn_spec(
+        churn_csv,
+        models=[
+            {
+                "type": "torch_mlp",
+                "workers": 1,
+                "space": {
+                    "hidden_layers": [16],
+                    "epochs": 8,
+                    "lr": {"loguniform": [1.0e-4, 1.0e-1]},
+                },
+            }
+        ],
+        search={"algorithm": "random", "scheduler": "pbt", "num_samples": 4},
+        gate={"min_metric": None},
+    )
+    result = search(raw, tmp_path)
+    assert result.search.trials == 4 and result.search.errored == 0
+    assert result.passed and result.version == "1"
+    for rows in reports(result.search.experiment_path).values():
+        assert rows[-1]["epoch"] == 7  # every trial trained to its last epoch
+
+
+def test_the_ddp_example_trains_with_two_workers_and_registers(ray_local, tmp_path):
+    spec = load_spec(ROOT / "examples" / "digits-ddp.yaml")
+    (torch_family,) = [m for m in spec.models if m.type == "torch_mlp"]
+    assert torch_family.workers == 2
+    result = search_and_register(spec, state_dir=tmp_path, num_samples=1)
+    assert result.search.trials == 1 and result.search.errored == 0
+    assert result.passed and result.version == "1"
+    (rows,) = reports(result.search.experiment_path).values()
+    epochs = int(torch_family.space["epochs"])
+    assert [r["epoch"] for r in rows] == list(range(epochs))
+    assert all(r["checkpoint_path"] for r in rows)  # Ray Train's checkpoint of each epoch
