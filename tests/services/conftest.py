@@ -95,48 +95,28 @@ def native_ingress(free_port):
 
 @pytest.fixture(scope="session")
 def registered(tmp_path_factory) -> Registered:
-    import numpy as np
-
     from training import export, registry
-    from training.data import load_splits, profile
     from training.models import make_estimator
-    from training.preprocess import fit_preprocessor
     from training.spec import parse_spec, spec_to_yaml
 
     tmp = tmp_path_factory.mktemp("services")
     csv = tmp / "churn.csv"
     _make_churn().to_csv(csv, index=False)
-    estimator = "sklearn.linear_model.LogisticRegression"
     spec = parse_spec(
         {
             "name": NAME,
             "task": "classification",
             "data": {"source": str(csv), "target": "churn", "categorical": ["plan", "region"]},
             "metric": "accuracy",
-            "models": [{"type": "sklearn", "estimator": estimator, "space": {}}],
+            "models": [{"type": "sklearn", "estimator": LOGISTIC, "space": {}}],
         }
     )
-    splits = load_splits(spec.data, spec.task)
-    schema = splits.schema
-    pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
-    feats = pre.transform(splits.X_train)
-    y = np.array([schema.classes.index(c) for c in splits.y_train])
-    est = make_estimator(estimator, {"max_iter": 500}, spec.data.seed).fit(feats, y)
-    onnx_bytes = export.assemble(
-        pre, export.sklearn_model_graph(est, feats.shape[1], spec.task), schema
-    )
-    pred, _ = export.run_onnx(onnx_bytes, splits.X_test, schema)
-    accuracy = float(np.mean(pred == splits.y_test.to_numpy()))
+    fit = _fit_logistic(spec)
+    splits, schema, pre, feats, y = fit.splits, fit.splits.schema, fit.pre, fit.feats, fit.y
+    onnx_bytes, accuracy, files = fit.onnx_bytes, fit.accuracy, fit.files
 
     uri = f"sqlite:///{tmp / 'state' / 'mlflow.db'}"
     (tmp / "state").mkdir()
-    files = {
-        "schema.json": schema.to_dict(),
-        "metrics.json": {"accuracy": accuracy},
-        "profile.json": profile(splits.X_train, schema),
-        "spec.yaml": spec_to_yaml(spec),
-        "lineage.json": {"data_hash": splits.content_hash},
-    }
     sha = registry.sha256(onnx_bytes)
     good, _ = _log_and_register(uri, NAME, onnx_bytes, sha, files, {"accuracy": accuracy})
     registry.set_alias(uri, NAME, registry.PRODUCTION, good)
@@ -191,17 +171,11 @@ def spaced(registered, tmp_path_factory) -> Spaced:
     (months)"), for the tests of column names: the churn data renamed, a logistic
     regression (about a second), in the same MLflow store as ``registered`` so one
     endpoint can serve both."""
-    import numpy as np
-
-    from training import export, registry
-    from training.data import load_splits, profile
-    from training.models import make_estimator
-    from training.preprocess import fit_preprocessor
-    from training.spec import parse_spec, spec_to_yaml
+    from training import registry
+    from training.spec import parse_spec
 
     csv = tmp_path_factory.mktemp("spaced") / "churn spaced.csv"
     _make_churn().rename(columns=SPACED_COLUMNS).to_csv(csv, index=False)
-    estimator = "sklearn.linear_model.LogisticRegression"
     spec = parse_spec(
         {
             "name": f"{NAME}-spaced",
@@ -212,15 +186,56 @@ def spaced(registered, tmp_path_factory) -> Spaced:
                 "categorical": ["plan", "sales region"],
             },
             "metric": "accuracy",
-            "models": [{"type": "sklearn", "estimator": estimator, "space": {}}],
+            "models": [{"type": "sklearn", "estimator": LOGISTIC, "space": {}}],
         }
     )
+    fit = _fit_logistic(spec)
+    onnx_bytes, accuracy, files = fit.onnx_bytes, fit.accuracy, fit.files
+    version, _ = _log_and_register(
+        registered.uri,
+        spec.name,
+        onnx_bytes,
+        registry.sha256(onnx_bytes),
+        files,
+        {"accuracy": accuracy},
+    )
+    registry.set_alias(registered.uri, spec.name, registry.PRODUCTION, version)
+    return Spaced(spec.name, version, onnx_bytes, fit.splits.schema, fit.splits.X_test)
+
+
+LOGISTIC = "sklearn.linear_model.LogisticRegression"
+
+
+@dataclass
+class Fitted:
+    """A spec's split, its fitted preprocessing and training matrix, a logistic regression
+    behind that preprocessing as one ONNX graph, its holdout accuracy, and the artifact
+    files a registered version carries."""
+
+    splits: object  # training.data.Splits
+    pre: object
+    feats: object
+    y: object
+    onnx_bytes: bytes
+    accuracy: float
+    files: dict
+
+
+def _fit_logistic(spec) -> Fitted:
+    import numpy as np
+
+    from training import export
+    from training.data import load_splits, profile
+    from training.models import make_estimator
+    from training.preprocess import fit_preprocessor
+    from training.spec import spec_to_yaml
+
     splits = load_splits(spec.data, spec.task)
     schema = splits.schema
     pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
     feats = pre.transform(splits.X_train)
     y = np.array([schema.classes.index(c) for c in splits.y_train])
-    est = make_estimator(estimator, {"max_iter": 500}, spec.data.seed).fit(feats, y)
+    est = make_estimator(LOGISTIC, {"max_iter": 500}, spec.data.seed).fit(feats, y)
     onnx_bytes = export.assemble(
         pre, export.sklearn_model_graph(est, feats.shape[1], spec.task), schema
     )
@@ -233,13 +248,4 @@ def spaced(registered, tmp_path_factory) -> Spaced:
         "spec.yaml": spec_to_yaml(spec),
         "lineage.json": {"data_hash": splits.content_hash},
     }
-    version, _ = _log_and_register(
-        registered.uri,
-        spec.name,
-        onnx_bytes,
-        registry.sha256(onnx_bytes),
-        files,
-        {"accuracy": accuracy},
-    )
-    registry.set_alias(registered.uri, spec.name, registry.PRODUCTION, version)
-    return Spaced(spec.name, version, onnx_bytes, schema, splits.X_test)
+    return Fitted(splits, pre, feats, y, onnx_bytes, accuracy, files)
