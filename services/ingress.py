@@ -51,6 +51,13 @@ NATIVE = {
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_worker_niceness": "0",
 }
+# The ports of HAProxy's stats page and exporter and of the proxy it falls back to.
+HAPROXY_PORT_VARS = (
+    "RAY_SERVE_HAPROXY_STATS_PORT",
+    "RAY_SERVE_HAPROXY_METRICS_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
+    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+)
 
 
 def native(environ: Mapping[str, str] = os.environ) -> bool:
@@ -95,25 +102,14 @@ def serve_env(
             RAY_SERVE_HAPROXY_SERVER_STATE_FILE=str(base / "server-state"),
             RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH=str(base / "metrics.sock"),
         )
-    if stats_port is not None:
-        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(stats_port)
-    if metrics_port is not None:
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(metrics_port)
-    if fallback_ports is not None:
-        env["RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"] = str(fallback_ports[0])
-        env["RAY_SERVE_FALLBACK_PROXY_GRPC_PORT"] = str(fallback_ports[1])
+    ports = (stats_port, metrics_port, *(fallback_ports or (None, None)))
+    for var, port in zip(HAPROXY_PORT_VARS, ports, strict=True):
+        if port is not None:
+            env[var] = str(port)
     if replica_ports is not None:
         env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(replica_ports.start)
         env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(replica_ports.stop - 1)
     return {key: environ.get(key, value) for key, value in env.items()}
-
-
-HAPROXY_PORT_VARS = (
-    "RAY_SERVE_HAPROXY_STATS_PORT",
-    "RAY_SERVE_HAPROXY_METRICS_PORT",
-    "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT",
-    "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
-)
 
 
 def haproxy_ports(environ: Mapping[str, str], chosen: list[int]) -> list[int]:
