@@ -175,6 +175,19 @@ class SearchSpec(_Strict):
 class GateSpec(_Strict):
     min_metric: float | None = None
     must_beat_production: bool = True
+    # The candidate must beat production's holdout score by at least this much (in the
+    # metric's direction); 0: any strict improvement.
+    min_improvement: float = Field(0.0, ge=0)
+
+
+class MonitorSpec(_Strict):
+    """Drift on live traffic, and when to retrain (see training.drift)."""
+
+    window: int = Field(1000, ge=10)  # rows in the sliding window (per model, all replicas)
+    sample_rate: float = Field(1.0, gt=0.0, le=1.0)  # share of requests counted
+    # alert level: this quantile of the statistic on holdout windows of `window` rows
+    calibration_quantile: float = Field(0.99, ge=0.5, lt=1.0)
+    cooldown_s: float = Field(3600.0, ge=0)  # no second `retrain --if-drifted` within it
 
 
 class ServeSpec(_Strict):
@@ -208,6 +221,7 @@ class Spec(_Strict):
     search: SearchSpec = SearchSpec()
     gate: GateSpec = GateSpec()
     serve: ServeSpec = ServeSpec()
+    monitor: MonitorSpec = MonitorSpec()
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:
