@@ -1,8 +1,9 @@
 """Registry: versions of a model in MLflow, their artifacts, aliases and checksums.
 
 A registered version's source is a run artifact folder ``model/`` holding
-``model.onnx``, ``schema.json``, ``spec.yaml``, ``metrics.json``, ``profile.json``
-and ``lineage.json``; the version's ``onnx_sha256`` tag is checked on every load.
+``model.onnx``, ``schema.json``, ``spec.yaml``, ``metrics.json``, ``profile.json``,
+``drift.json`` (versions registered before drift monitoring have none) and
+``lineage.json``; the version's ``onnx_sha256`` tag is checked on every load.
 The embedded default store is SQLite under ``<state>/`` with artifacts beside it;
 ``MLFLOW_TRACKING_URI`` points everything at a real MLflow server instead.
 """
@@ -34,6 +35,7 @@ class ModelArtifact:
     metrics: dict[str, Any]
     profile: dict[str, Any]
     spec_yaml: str = ""  # the spec the version was searched with (its serve section too)
+    drift: dict[str, Any] | None = None  # drift.json (training.drift); None: registered before
 
 
 def tracking_uri(state_dir: Path = Path(".rayship")) -> str:
@@ -168,6 +170,7 @@ def load_artifact(uri: str, name: str, ref: str = PRODUCTION) -> ModelArtifact:
             metrics=read("metrics.json"),
             profile=read("profile.json"),
             spec_yaml=(local / "spec.yaml").read_text() if (local / "spec.yaml").exists() else "",
+            drift=read("drift.json") if (local / "drift.json").exists() else None,
         )
 
 
