@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from training import export, registry
+from training import drift, export, registry
 from training.data import FeatureSchema, Splits, load_splits, profile
 from training.evaluate import better, reaches, score
 from training.models import TORCH_DEFAULTS, build_mlp
@@ -61,9 +61,12 @@ def encode_labels(y: pd.Series, schema: FeatureSchema) -> np.ndarray:
     return y.map(index).to_numpy(dtype=np.int64)
 
 
-def prepare(spec: Spec) -> Prepared:
-    """Load, split and preprocess; the arrays are what every trial trains and validates on."""
-    splits = load_splits(spec.data, spec.task)
+def prepare(spec: Spec, splits: Splits | None = None) -> Prepared:
+    """Load, split and preprocess; the arrays are what every trial trains and validates on.
+
+    ``splits`` given (``rayship retrain``'s, holdout drawn from the new rows): used as
+    they are instead of splitting the spec's data source."""
+    splits = splits if splits is not None else load_splits(spec.data, spec.task)
     pre = fit_preprocessor(spec.preprocess, splits.schema, splits.X_train)
     arrays = {
         "X_train": pre.transform(splits.X_train),
@@ -123,6 +126,34 @@ def native_predictor(winner, schema: FeatureSchema, scaling):
     return export.torch_predictor(winner, schema.task, schema.classes, *scaling)
 
 
+def drift_reference(spec: Spec, splits: Splits, onnx_bytes: bytes) -> dict[str, Any]:
+    """The version's drift reference (``drift.json``, see training.drift): slots and shares
+    of the train split, alert levels calibrated on holdout windows of ``monitor.window``
+    rows, permutation importance of the graph that serves (run by onnxruntime) on the
+    holdout."""
+    import onnxruntime as ort
+
+    schema = splits.schema
+    session = ort.InferenceSession(onnx_bytes, providers=["CPUExecutionProvider"])
+    classify = schema.task == "classification"
+
+    def predict(X: pd.DataFrame) -> np.ndarray:
+        out = session.run(None, export.onnx_feeds(X, schema))
+        return out[1] if classify else np.asarray(out[0]).reshape(-1)
+
+    return drift.build_reference(
+        splits.X_train,
+        splits.X_test,
+        encode_labels(splits.y_test, schema),
+        schema,
+        predict,
+        metric=spec.metric,
+        window=spec.monitor.window,
+        quantile=spec.monitor.calibration_quantile,
+        seed=spec.data.seed,
+    )
+
+
 def production_holdout(
     uri: str, spec: Spec, splits: Splits
 ) -> tuple[str | None, float | None, str | None]:
@@ -142,6 +173,44 @@ def production_holdout(
         return prod.version, None, "production predicts different classes; compare by hand"
     pred, proba = export.run_onnx(prod.onnx_bytes, splits.X_test, prod_schema)
     return prod.version, holdout_score(spec.metric, splits.schema, splits.y_test, pred, proba), None
+
+
+def gate_reasons(
+    spec: Spec,
+    holdout: float,
+    prod_version: str | None,
+    prod_score: float | None,
+    why: str | None = None,
+) -> list[str]:
+    """Why the gate refuses a candidate scoring ``holdout`` (empty: it passes).
+
+    ``prod_*`` are :func:`production_holdout`'s answer on the same holdout (``why``: the
+    reason production cannot be compared). Rules: ``min_metric`` is reached;
+    ``must_beat_production``: strictly better than production; ``min_improvement`` > 0:
+    better by at least that much, in the metric's direction (checked whether or not
+    must_beat_production is set). Without a production version only min_metric applies.
+    """
+    gate, metric = spec.gate, spec.metric
+    reasons = []
+    if gate.min_metric is not None and not reaches(metric, holdout, gate.min_metric):
+        reasons.append(
+            f"holdout {metric} {holdout:.4f} does not reach min_metric {gate.min_metric}"
+        )
+    compare = gate.must_beat_production or gate.min_improvement > 0
+    if prod_version is None or not compare:
+        return reasons
+    if why:
+        return [*reasons, why]
+    production = f"production v{prod_version} ({prod_score:.4f})"
+    gain = holdout - prod_score if spec.mode == "max" else prod_score - holdout
+    if gate.must_beat_production and not better(metric, holdout, prod_score):
+        reasons.append(f"holdout {metric} {holdout:.4f} does not beat {production}")
+    elif gate.min_improvement > 0 and gain < gate.min_improvement:
+        reasons.append(
+            f"holdout {metric} {holdout:.4f} improves on {production} by {gain:.4f}, "
+            f"less than gate.min_improvement {gate.min_improvement}"
+        )
+    return reasons
 
 
 def code_version() -> str:
@@ -166,16 +235,18 @@ def search_and_register(
     resume: bool = False,
     callbacks: list | None = None,
     connect: Callable[[], None] | None = None,
+    splits: Splits | None = None,
 ) -> Outcome:
     """Search, export, gate and (when the gate passes) register with alias ``candidate``.
 
     Data is loaded and preprocessed first, so bad data fails before any Ray starts;
     then ``connect`` (the CLI's: a cluster, or a new one) runs, else a local Ray starts.
+    ``splits``: ready-made splits (see :func:`prepare`) instead of the spec's data source.
     """
     import ray
 
     uri = registry.tracking_uri(state_dir)
-    prep = prepare(spec)
+    prep = prepare(spec, splits)
     if not ray.is_initialized():
         connect() if connect else ray.init()
     schema = prep.splits.schema
@@ -226,20 +297,8 @@ def register_winner(spec: Spec, prep: Prepared, result: SearchResult, uri: str) 
         )
     holdout = holdout_score(spec.metric, schema, splits.y_test, native_pred, native_proba)
 
-    reasons = []
-    if spec.gate.min_metric is not None and not reaches(spec.metric, holdout, spec.gate.min_metric):
-        reasons.append(
-            f"holdout {spec.metric} {holdout:.4f} does not reach min_metric {spec.gate.min_metric}"
-        )
     prod_version, prod_score, why = production_holdout(uri, spec, splits)
-    if spec.gate.must_beat_production and prod_version is not None:
-        if why:
-            reasons.append(why)
-        elif not better(spec.metric, holdout, prod_score):
-            reasons.append(
-                f"holdout {spec.metric} {holdout:.4f} does not beat "
-                f"production v{prod_version} ({prod_score:.4f})"
-            )
+    reasons = gate_reasons(spec, holdout, prod_version, prod_score, why)
     metrics = {
         f"holdout_{spec.metric}": holdout,
         f"valid_{spec.metric}": float(result.best_metrics[spec.metric]),
@@ -272,6 +331,7 @@ def register_winner(spec: Spec, prep: Prepared, result: SearchResult, uri: str) 
             "spec.yaml": spec_to_yaml(spec),
             "metrics.json": {**metrics, "parity": parity.__dict__, "trials": result.trials},
             "profile.json": profile(splits.X_train, schema),
+            "drift.json": drift_reference(spec, splits, onnx_bytes),
             "lineage.json": lineage,
         },
         params={"family": family, **{k: json.dumps(v) for k, v in result.best_config.items()}},

@@ -272,3 +272,74 @@ def test_monitor_defaults_and_min_improvement():
     assert parse_spec(churn_spec("d.csv", gate={"min_improvement": 0.02})).gate.min_improvement
     with pytest.raises(SpecError, match=r"gate\.min_improvement"):
         parse_spec(churn_spec("d.csv", gate={"min_improvement": -0.1}))
+
+
+# -- drift.json with every registered version -------------------------------------------
+
+
+def register_without_search(spec, state):
+    """What a search's winner goes through (export, parity, gate, register) for a
+    logistic regression fitted here, without Ray: its checkpoint as Tune leaves it."""
+    import joblib
+    from sklearn.linear_model import LogisticRegression
+
+    from training import pipeline, registry
+    from training.tune import SearchResult
+
+    prep = pipeline.prepare(spec)
+    estimator = LogisticRegression(max_iter=500).fit(prep.arrays["X_train"], prep.arrays["y_train"])
+    checkpoint = state / "checkpoint"
+    checkpoint.mkdir(parents=True)
+    joblib.dump(estimator, checkpoint / "estimator.joblib")
+    result = SearchResult(
+        best_config={"family": 0},
+        best_metrics={spec.metric: 0.5},
+        best_checkpoint=str(checkpoint),
+        trial_id="t0",
+        trials=1,
+        errored=0,
+        wall_s=0.0,
+        experiment_path=str(state),
+        trial_nodes=set(),
+    )
+    return pipeline.register_winner(spec, prep, result, registry.tracking_uri(state))
+
+
+def test_a_registered_version_carries_its_drift_reference(churn_csv, tmp_path):
+    from training import registry
+    from training.data import load_splits
+
+    spec = parse_spec(churn_spec(churn_csv, monitor={"window": 200, "calibration_quantile": 0.95}))
+    outcome = register_without_search(spec, tmp_path)
+    assert outcome.passed and outcome.version == "1"
+    artifact = registry.load_artifact(registry.tracking_uri(tmp_path), "churn", "1")
+    ref = artifact.drift
+    assert ref["window"] == 200 and ref["quantile"] == 0.95
+    splits = load_splits(spec.data, spec.task)
+    assert [f["column"] for f in ref["features"]] == splits.schema.columns
+    assert sum(f["importance"] for f in ref["features"]) == pytest.approx(1.0)
+    # The holdout itself, as serving feeds it, is no drift from its own training data.
+    from training.export import onnx_feeds
+
+    result = drift.report(ref, drift.codes(ref, onnx_feeds(splits.X_test, splits.schema)))
+    assert result["drifted"] == []
+
+
+def test_a_version_registered_before_drift_monitoring_has_no_reference(tmp_path):
+    from training import registry
+
+    uri = registry.tracking_uri(tmp_path)
+    onnx_bytes = b"not read by load_artifact"
+    run_id, source = registry.log_winner(
+        uri,
+        "old",
+        onnx_bytes=onnx_bytes,
+        files={"schema.json": {}, "metrics.json": {}, "profile.json": {}},
+        params={},
+        metrics={},
+        tags={},
+    )
+    registry.register_version(
+        uri, "old", source, run_id, {"onnx_sha256": registry.sha256(onnx_bytes)}
+    )
+    assert registry.load_artifact(uri, "old", "1").drift is None
