@@ -278,6 +278,21 @@ def split(frame: pd.DataFrame, spec: DataSpec, task: str) -> Splits:
         raise DataError(
             f"data.test_fraction/valid_fraction: cannot split {len(X)} rows: {exc}"
         ) from None
+    return assemble_splits(
+        (X_train, y_train), (X_valid, y_valid), (X_test, y_test), schema, content_hash(frame)
+    )
+
+
+def assemble_splits(
+    train: tuple[pd.DataFrame, pd.Series],
+    valid: tuple[pd.DataFrame, pd.Series],
+    test: tuple[pd.DataFrame, pd.Series],
+    schema: FeatureSchema,
+    data_hash: str,
+) -> Splits:
+    """Splits from (X, y) parts that :func:`prepare` typed: the schema's categories are
+    taken from the train part alone; DataError when a numeric feature has no value there."""
+    (X_train, y_train), (X_valid, y_valid), (X_test, y_test) = train, valid, test
     empty = [c for c in schema.numeric if X_train[c].isna().all()]
     if empty:
         raise DataError(
@@ -294,7 +309,7 @@ def split(frame: pd.DataFrame, spec: DataSpec, task: str) -> Splits:
         for f in schema.features
     ]
     schema = FeatureSchema(schema.task, schema.target, features, schema.classes)
-    return Splits(X_train, y_train, X_valid, y_valid, X_test, y_test, schema, content_hash(frame))
+    return Splits(X_train, y_train, X_valid, y_valid, X_test, y_test, schema, data_hash)
 
 
 def load_splits(spec: DataSpec, task: str) -> Splits:
