@@ -26,6 +26,7 @@ Examples:
   rayship models list digits                # versions, metrics, aliases
   rayship serve digits --canary 4           # 10% of requests to version 4
   rayship predict digits --input rows.csv   # a CSV's rows to the endpoint
+  rayship drift digits --data new.csv      # new rows against the training data
   rayship render examples/digits.yaml --out k8s/   # RayJob + RayService manifests
 
 Use "rayship COMMAND --help" for more information about a command."""
@@ -551,6 +552,84 @@ def down() -> None:
     from cluster import local
 
     console.print("stopped" if local.down(STATE) else "no rayship cluster was running")
+
+
+def _read_table(path: Path):
+    """A CSV or Parquet file as a frame; ValueError naming --data when it cannot be read."""
+    import pandas as pd
+
+    if not path.is_file():
+        raise ValueError(f"--data: no such file {path}")
+    reader = pd.read_parquet if path.suffix.lower() == ".parquet" else pd.read_csv
+    try:
+        return reader(path)
+    except Exception as exc:  # pandas/pyarrow raise many kinds for an unreadable file
+        kind = "Parquet" if reader is pd.read_parquet else "CSV"
+        raise ValueError(f"--data: cannot read {path} as {kind}: {exc}") from None
+
+
+@app.command()
+@_guard
+def drift(
+    model: Annotated[
+        str, typer.Argument(metavar="MODEL", help="NAME (production), NAME@alias or NAME/version")
+    ],
+    data: Annotated[
+        Path,
+        typer.Option("--data", metavar="FILE", help="CSV or Parquet of new rows (its own columns)"),
+    ],
+    version: Annotated[
+        str | None, typer.Option(metavar="VERSION", help="version number or alias to compare with")
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(metavar="PNG", help="plot path (default: <data>.drift.png beside the data)"),
+    ] = None,
+    top: Annotated[int, typer.Option(min=1, help="features in the plot")] = 6,
+    fail_on_drift: Annotated[
+        bool, typer.Option("--fail-on-drift", help="exit 1 when a feature drifted")
+    ] = False,
+) -> None:
+    """Drift of a file of new rows against a version's training data.
+
+    Every row of FILE is compared with the training reference registered with the
+    version: PSI and Jensen–Shannon per feature, shares missing / out of range /
+    unseen, and whether PSI passes the feature's calibrated alert level (scaled to the
+    file's row count when it has fewer rows than monitor.window). Prints a table sorted
+    by drift and writes a PNG of the most drifted features."""
+    from cluster.drift_view import plot, table
+    from training import drift as drift_stats
+    from training import registry
+
+    name, ref = _parse_ref(model)
+    ref = version or ref
+    artifact = registry.load_artifact(_tracking_uri(), name, ref)
+    reference = artifact.drift
+    if reference is None:
+        _fail(
+            f"{name} version {artifact.version} has no drift reference (registered before "
+            "drift monitoring); register a new version to compare with"
+        )
+    frame = _read_table(data)
+    codes = drift_stats.codes(reference, drift_stats.frame_inputs(reference, frame))
+    report = drift_stats.report(reference, codes, model=name, version=artifact.version)
+    console.print(table(report))
+    png = out or data.with_name(f"{data.stem}.drift.png")
+    plot(reference, report, codes, png, top=top)
+    if report["drifted"]:
+        console.print(
+            f"[bold red]{len(report['drifted'])} of {len(report['features'])} features "
+            f"drifted[/]: {', '.join(report['drifted'])} (model drift score "
+            f"{report['score']:.2f})"
+        )
+    else:
+        console.print(
+            f"no feature drifted: {len(report['features'])} features within their calibrated "
+            f"levels (model drift score {report['score']:.2f})"
+        )
+    console.print(f"plot: {png}")
+    if fail_on_drift and report["drifted"]:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -395,3 +395,47 @@ def report(
     slots = n_slots(reference)
     counts = [np.bincount(codes[:, i], minlength=s)[:s] for i, s in enumerate(slots)]
     return counts_report(reference, counts, codes.shape[0], model=model, version=version)
+
+
+# -- offline (``rayship drift``) --------------------------------------------------------
+
+
+def frame_inputs(reference: Mapping[str, Any], frame: pd.DataFrame) -> dict[str, np.ndarray]:
+    """The model inputs of a table of new rows, typed as serving types them (float32
+    with NaN; category strings, '' for missing), keyed by Feature.name. A feature's
+    column is found by the data's own name or its ONNX name; other columns (the target)
+    are ignored. ValueError naming every missing column, or a numeric column with text."""
+    from training.categories import category_text
+
+    columns = {str(c): c for c in frame.columns}
+    found, missing = {}, []
+    for f in reference["features"]:
+        key = f["column"] if f["column"] in columns else f["name"]
+        if key in columns:
+            found[f["name"]] = frame[columns[key]]
+        else:
+            missing.append(f["column"])
+    if missing:
+        raise ValueError(f"the data lacks the model's column(s) {missing}")
+    out = {}
+    for f in reference["features"]:
+        col = found[f["name"]]
+        if f["kind"] == "numeric":
+            try:
+                values = pd.to_numeric(col, errors="raise")
+            except (ValueError, TypeError):
+                raise ValueError(f"column {f['column']!r}: expected numbers, found text") from None
+            out[f["name"]] = values.to_numpy(dtype=np.float32, na_value=np.nan)
+        else:
+            out[f["name"]] = col.astype(object).map(category_text).to_numpy(dtype=object)
+    return out
+
+
+def slot_labels(feature: Mapping[str, Any]) -> list[str]:
+    """Readable names of a reference feature's slots, in slot order."""
+    if feature["kind"] == "categorical":
+        return [*feature["categories"], "missing", "unseen"]
+    edges = [f"{e:.4g}" for e in feature["edges"]]
+    bounds = [f"{feature['lo']:.4g}", *edges, f"{feature['hi']:.4g}"]
+    bins = [a if a == b else f"{a}–{b}" for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    return [*bins, "missing", "out of range"]
