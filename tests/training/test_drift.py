@@ -343,3 +343,17 @@ def test_a_version_registered_before_drift_monitoring_has_no_reference(tmp_path)
         uri, "old", source, run_id, {"onnx_sha256": registry.sha256(onnx_bytes)}
     )
     assert registry.load_artifact(uri, "old", "1").drift is None
+
+
+def test_a_file_of_new_rows_is_read_by_its_own_column_names_or_onnx_names(reference):
+    X = table(300, 70)
+    frame = X.rename(columns={"tenure": "tenure (months)"}).assign(target=1.0)
+    frame["plan"] = frame["plan"].replace("", None)  # a file's empty cell
+    same = drift.codes(reference, drift.frame_inputs(reference, frame))
+    assert np.array_equal(same, drift.codes(reference, inputs(X)))
+    by_onnx_names = drift.frame_inputs(reference, X)  # "tenure", "monthly_charges"
+    assert np.array_equal(drift.codes(reference, by_onnx_names), same)
+    with pytest.raises(ValueError, match=r"\['tenure \(months\)', 'plan'\]"):
+        drift.frame_inputs(reference, frame.drop(columns=["tenure (months)", "plan"]))
+    with pytest.raises(ValueError, match="'tickets': expected numbers"):
+        drift.frame_inputs(reference, frame.assign(tickets="many"))
