@@ -9,6 +9,7 @@ model, a cluster problem). State lives under ``./.rayship`` of the working direc
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -50,6 +51,7 @@ def _fail(message: str) -> None:
 def _known_errors() -> tuple[type[BaseException], ...]:
     from cluster.k8s import K8sError
     from cluster.local import ClusterError
+    from cluster.retrain import RetrainError
     from services.deploy import DeployError, PredictError
     from training.data import DataError
     from training.export import ExportError
@@ -67,6 +69,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         SearchError,
         DeployError,
         PredictError,
+        RetrainError,
         FileNotFoundError,
         ValueError,
     )
@@ -134,7 +137,7 @@ def _connect(persistent: bool) -> None:
     console.print(f"[dim]Ray: {local.connect(STATE, log_to_driver=False)}[/]")
 
 
-def _search(spec, num_samples: int | None, resume: bool, persistent: bool):
+def _search(spec, num_samples: int | None, resume: bool, persistent: bool, splits=None):
     from cluster.progress import SearchProgress
     from training.pipeline import search_and_register
 
@@ -154,6 +157,7 @@ def _search(spec, num_samples: int | None, resume: bool, persistent: bool):
             resume=resume,
             callbacks=[progress],
             connect=lambda: _connect(persistent),
+            splits=splits,
         )
 
 
@@ -250,6 +254,70 @@ def run(
     )
 
 
+class RetrainMode(StrEnum):
+    append = "append"
+    replace = "replace"
+
+
+@app.command()
+@_guard
+def retrain(
+    spec_path: Annotated[Path, typer.Argument(metavar="SPEC", help="experiment spec (YAML)")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", exists=True, dir_okay=False, metavar="FILE", help="new rows (CSV/Parquet)"
+        ),
+    ],
+    mode: Annotated[
+        RetrainMode, typer.Option(help="add the rows to the spec's data, or use them alone")
+    ] = RetrainMode.append,
+    if_drifted: Annotated[
+        bool, typer.Option("--if-drifted", help="only if the live endpoint reports drift")
+    ] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="retrain even within monitor.cooldown_s")
+    ] = False,
+    kubernetes: Annotated[
+        bool, typer.Option("--kubernetes", help="swap the model's RayService (kube context)")
+    ] = False,
+    namespace: Annotated[
+        str, typer.Option(metavar="NS", help="namespace of the RayService")
+    ] = "rayship",
+    url: Annotated[
+        str | None, typer.Option(metavar="URL", help="endpoint to ask for drift (default: found)")
+    ] = None,
+    num_samples: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="override search.num_samples")
+    ] = None,
+) -> None:
+    """Search on new data, gate against production, promote, hot-swap the endpoint.
+
+    The candidate is gated against production scored on the same holdout, drawn from
+    the new rows (the gate's rules and gate.min_improvement). A winner becomes
+    `production` and the live endpoint switches to it in place (local, or the
+    RayService with --kubernetes). A loser changes nothing, and the reasons are
+    printed. --if-drifted asks the endpoint's drift report first.
+
+    No retrain within monitor.cooldown_s of the last one (--force). Exits 0 when it
+    promoted, refused a worse model, found no drift or is in its cooldown; 1 on errors."""
+    from cluster import retrain as loop
+
+    spec = _load_spec(spec_path)
+
+    def search(searched_spec, splits):
+        outcome = _search(searched_spec, num_samples, False, False, splits=splits)
+        _print_outcome(outcome)
+        return outcome
+
+    where = loop.Where(STATE, kubernetes=kubernetes, namespace=namespace, url=url)
+    say = lambda line: console.print(line, soft_wrap=True, highlight=False)  # noqa: E731
+    loop.retrain(
+        spec, data, mode=mode.value, where=where, search=search, say=say,
+        if_drifted=if_drifted, force=force,
+    )  # fmt: skip
+
+
 def _beats_production(outcome) -> bool:
     """Promote the first version, or one better than production on the same holdout
     (the gate may pass a model without comparing: must_beat_production false)."""
@@ -337,46 +405,17 @@ def models_abort_canary(
         _fail(f"no local endpoint serves {name}")
 
 
-_KEEP = object()
+def _update_live(name: str, **parts: object) -> bool:
+    """Change NAME's entry on the running local endpoint in place (user_config only;
+    cluster.live.update_live: ``ref=``, ``canary=``, only the parts given change) and
+    print what it serves. Returns False when no local endpoint serves NAME."""
+    from cluster import live
 
-
-def _update_live(name: str, ref: object = _KEEP, canary: object = _KEEP) -> bool:
-    """Change NAME's entry on the running local endpoint in place (user_config only).
-    Returns False when no local endpoint serves NAME."""
-    from cluster import local
-    from services import serve_config
-    from services.deploy import deploy, deployed_config
-    from training import registry
-
-    if local.status(STATE) is None:
-        return False
-    local.connect(STATE, log_to_driver=False)
-    config = deployed_config()
-    if config is None:
-        return False
-    entries = serve_config.models_of(config)
-    mine = [e for e in entries if e["name"] == name]
-    if not mine:
-        return False
-    uri = serve_config.tracking_uri_of(config)
-    expect = {}
-    for entry in mine:
-        if ref is not _KEEP:
-            entry["ref"] = ref
-        if canary is not _KEEP:
-            entry["canary"] = canary
-        production = str(registry.resolve_version(uri, name, entry["ref"]).version)
-        canary_version = (
-            str(registry.resolve_version(uri, name, entry["canary"]["ref"]).version)
-            if entry["canary"]
-            else None
-        )
-        expect[entry["route"]] = (production, canary_version)
-    url = deploy(serve_config.with_models(config, entries), expect=expect)
-    for route, (production, canary_version) in expect.items():
-        extra = f", canary version {canary_version}" if canary_version else ""
-        console.print(f"live at {url}/v1/models/{route}: version {production}{extra}")
-    return True
+    swapped = live.update_live(STATE, name, **parts)
+    for s in swapped or []:
+        extra = f", canary version {s.canary_version}" if s.canary_version else ""
+        console.print(f"live at {s.url}/v1/models/{s.route}: version {s.version}{extra}")
+    return swapped is not None
 
 
 def _parse_ref(text: str) -> tuple[str, str]:
@@ -528,32 +567,6 @@ def predict(
             print(p)
 
 
-@app.command()
-@_guard
-def up(
-    workers: Annotated[
-        int, typer.Option(min=0, metavar="N", help="worker nodes besides the head")
-    ] = 1,
-    cpus_per_node: Annotated[
-        int | None, typer.Option(min=1, metavar="N", help="CPUs each node advertises")
-    ] = None,
-) -> None:
-    """Start a local Ray cluster: a head and N worker nodes."""
-    from cluster import local
-
-    info = local.up(workers=workers, cpus_per_node=cpus_per_node, state_dir=STATE)
-    console.print(f"Ray cluster at {info.address}: head + {workers} worker node(s)")
-
-
-@app.command()
-@_guard
-def down() -> None:
-    """Stop the local Ray cluster (and every endpoint on it)."""
-    from cluster import local
-
-    console.print("stopped" if local.down(STATE) else "no rayship cluster was running")
-
-
 def _read_table(path: Path):
     """A CSV or Parquet file as a frame; ValueError naming --data when it cannot be read."""
     import pandas as pd
@@ -630,6 +643,32 @@ def drift(
     console.print(f"plot: {png}")
     if fail_on_drift and report["drifted"]:
         raise typer.Exit(1)
+
+
+@app.command()
+@_guard
+def up(
+    workers: Annotated[
+        int, typer.Option(min=0, metavar="N", help="worker nodes besides the head")
+    ] = 1,
+    cpus_per_node: Annotated[
+        int | None, typer.Option(min=1, metavar="N", help="CPUs each node advertises")
+    ] = None,
+) -> None:
+    """Start a local Ray cluster: a head and N worker nodes."""
+    from cluster import local
+
+    info = local.up(workers=workers, cpus_per_node=cpus_per_node, state_dir=STATE)
+    console.print(f"Ray cluster at {info.address}: head + {workers} worker node(s)")
+
+
+@app.command()
+@_guard
+def down() -> None:
+    """Stop the local Ray cluster (and every endpoint on it)."""
+    from cluster import local
+
+    console.print("stopped" if local.down(STATE) else "no rayship cluster was running")
 
 
 @app.command()
