@@ -31,7 +31,7 @@ KUBERNETES_VERSION = "1.34.0"
 CRDS = Path(__file__).resolve().parent / "crds"
 CRD_GROUPS = ("ray.io", "monitoring.coreos.com")
 RAY_KINDS = ("RayCluster", "RayJob", "RayService")
-WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", *RAY_KINDS)
+WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob", *RAY_KINDS)
 DNS_1123 = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 # Custom resources' metadata: the CRD schemas say only "object"; check what matters.
@@ -112,6 +112,8 @@ def pod_templates(obj: dict[str, Any]) -> Iterator[tuple[str, dict[str, Any], bo
         yield name, spec.get("template", {}), True
     elif kind == "Job":
         yield name, spec.get("template", {}), False
+    elif kind == "CronJob":
+        yield name, (spec.get("jobTemplate") or {}).get("spec", {}).get("template", {}), False
     elif kind in RAY_KINDS:
         cluster = {
             "RayCluster": spec,
@@ -262,3 +264,81 @@ def names_ok(objects: list[dict[str, Any]]) -> list[str]:
         for o in objects
         if not re.match(DNS_1123, o["metadata"]["name"])
     ]
+
+
+# --------------------------------------------------------------------------- reachability
+
+
+def _ports_match(rule: dict[str, Any], port: int) -> bool:
+    ports = rule.get("ports")
+    if not ports:
+        return True
+    for p in ports:
+        if p.get("protocol", "TCP") != "TCP":
+            continue
+        if "port" not in p:
+            return True
+        low = p["port"]
+        if isinstance(low, int) and low <= port <= p.get("endPort", low):
+            return True
+    return False
+
+
+def _peer_matches(peer: dict[str, Any], ns: str, labels: dict[str, str] | None) -> bool:
+    """Whether a policy peer (in namespace ``ns``) covers a pod of ``ns`` with ``labels``
+    (``labels`` None: an address outside the cluster, which only ipBlock peers cover)."""
+    if labels is None:
+        return "ipBlock" in peer
+    if "ipBlock" in peer:
+        return False
+    if "namespaceSelector" in peer and not selects(
+        peer["namespaceSelector"], {"kubernetes.io/metadata.name": ns}
+    ):
+        return False
+    return selects(peer.get("podSelector") or {}, labels)
+
+
+def _direction_allows(
+    policies: list[dict[str, Any]],
+    ns: str,
+    pod: dict[str, str],
+    kind: str,
+    peer: dict[str, str] | None,
+    port: int,
+) -> bool:
+    """Whether the policies selecting ``pod`` let it send (``kind`` Egress) to, or receive
+    (Ingress) from, ``peer`` on TCP ``port``: allowed when no policy of that type selects
+    it, or when a rule of one that does covers the peer and the port."""
+    field, peers_key = ("egress", "to") if kind == "Egress" else ("ingress", "from")
+    applying = [
+        p
+        for p in policies
+        if _namespace(p) == ns
+        and kind in (p["spec"].get("policyTypes") or [])
+        and selects(p["spec"].get("podSelector") or {}, pod)
+    ]
+    if not applying:
+        return True
+    for policy in applying:
+        for rule in policy["spec"].get(field) or []:
+            peers = rule.get(peers_key)
+            covered = not peers or any(_peer_matches(x, ns, peer) for x in peers)
+            if covered and _ports_match(rule, port):
+                return True
+    return False
+
+
+def reachable(
+    objects: list[dict[str, Any]],
+    ns: str,
+    source: dict[str, str],
+    target: dict[str, str] | None,
+    port: int,
+) -> bool:
+    """Whether the NetworkPolicies in ``objects`` let a pod of namespace ``ns`` labelled
+    ``source`` open a TCP connection to ``port`` of a pod of ``ns`` labelled ``target``
+    (None: an address outside the cluster, such as the API server or an external MLflow)."""
+    policies = [o for o in objects if o.get("kind") == "NetworkPolicy"]
+    if not _direction_allows(policies, ns, source, "Egress", target, port):
+        return False
+    return target is None or _direction_allows(policies, ns, target, "Ingress", source, port)
