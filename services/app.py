@@ -8,7 +8,11 @@ KServe V1
   ``POST /v1/models/{name}:predict`` — ``{"instances": [...], "return_probabilities": bool}``
   → ``{"predictions": [...], "model_version": "N"}`` (+ ``"probabilities"``, ``"classes"``);
   ``GET /v1/models/{name}`` — name, version, ready, task, inputs, outputs, classes, canary;
-  ``GET /v1/models`` — the served routes.
+  ``GET /v1/models`` — the served routes;
+  ``GET /v1/models/{name}/drift`` — the drift report of the model's live traffic, all
+  replicas (:mod:`services.monitor`): 409 when the served version has no drift reference
+  (registered before drift.json) or its monitor is off (``sample_rate`` 0), and a report
+  with ``window_rows`` 0 before any row was counted.
 Open Inference Protocol (V2, :mod:`services.v2`)
   ``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``,
   ``GET /v2/models/{name}[/versions/{v}]``, ``GET /v2/models/{name}[/versions/{v}]/ready``,
@@ -48,10 +52,15 @@ counts requests, whatever their rows. With ``batch_wait_timeout_s: 0`` (the defa
 lone request is run at once; under load, requests that arrive while a batch runs form
 the next one.
 
+Each request's feeds are handed to the model's drift sampling (:mod:`services.monitor`)
+right after they are built: a constant-time append on the production version's requests,
+sampled per request; slot codes and the push to the model's merger actor happen in a
+background task, never on the request path.
+
 Replicas import only this module, :mod:`services.http`, :mod:`services.predictor`,
-:mod:`services.v1`, :mod:`services.v2`, :mod:`services.metrics` (onnxruntime, numpy,
-orjson, Starlette, Ray) and :mod:`training.registry` (the MLflow client) — never torch
-or scikit-learn.
+:mod:`services.v1`, :mod:`services.v2`, :mod:`services.metrics`, :mod:`services.monitor`
+(onnxruntime, numpy, orjson, Starlette, Ray), :mod:`training.registry` (the MLflow client)
+and :mod:`training.drift` — never torch or scikit-learn.
 """
 
 from __future__ import annotations
@@ -78,6 +87,7 @@ from services.http import (
     read_body,
 )
 from services.metrics import EndpointMetrics
+from services.monitor import ReplicaMonitor, settings_for
 from services.predictor import BadInput, OnnxPredictor, problem
 from services.v1 import parse_v1
 from training import registry
@@ -92,6 +102,7 @@ MODEL_KEYS = (
     "max_batch_size",
     "batch_wait_timeout_s",
     "max_request_bytes",
+    "monitor",
 )
 DEFAULT_MAX_REQUEST_BYTES = 16 * 1024 * 1024
 
@@ -100,6 +111,7 @@ ROUTES = Routes(
         ("GET", "/v1/models", "list_models"),
         ("POST", "/v1/models/{name}:predict", "predict"),
         ("GET", "/v1/models/{name}", "model_metadata"),
+        ("GET", "/v1/models/{name}/drift", "drift"),
         ("GET", "/v2", "server_metadata"),
         ("GET", "/v2/health/live", "live"),
         ("GET", "/v2/health/ready", "ready"),
@@ -186,6 +198,7 @@ class Served:
     canary_weight: float
     infer: Any
     max_request_bytes: int
+    monitor: ReplicaMonitor
     routed: int = 0
     error: dict[str, Any] | None = None  # the refs that last failed to load, and why
 
@@ -254,9 +267,25 @@ def parse_models(config: dict[str, Any] | None) -> list[dict[str, Any]]:
                 "max_request_bytes": int(
                     entry.get("max_request_bytes") or DEFAULT_MAX_REQUEST_BYTES
                 ),
+                "monitor": _monitor_override(entry.get("monitor"), f"{where}.monitor"),
             }
         )
     return entries
+
+
+def _monitor_override(value: Any, where: str) -> dict[str, float] | None:
+    """A model's ``monitor`` entry of ``user_config``: null, or ``{sample_rate}`` with
+    0 <= sample_rate <= 1 (0 turns the drift monitor off for that model)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict) or set(value) - {"sample_rate"}:
+        raise ValueError(f"{where}: expected {{sample_rate: 0 to 1}} or null, got {value!r}")
+    rate = value.get("sample_rate")
+    if rate is None:
+        return None
+    if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0.0 <= rate <= 1.0:
+        raise ValueError(f"{where}.sample_rate: expected a number from 0 to 1, got {rate!r}")
+    return {"sample_rate": float(rate)}
 
 
 class _Observed:
@@ -288,6 +317,9 @@ class ModelServer:
         self.tracking_uri = tracking_uri
         self.models: dict[str, Served] = {}
         self.metrics = EndpointMetrics()
+        # (name, version) -> (drift reference or None, spec YAML) of the loaded versions
+        self.loaded: dict[tuple[str, str], tuple[dict[str, Any] | None, str]] = {}
+        self.monitors: dict[str, ReplicaMonitor] = {}  # route -> its drift sampling
 
     # -- HTTP ----------------------------------------------------------------------
 
@@ -317,7 +349,8 @@ class ModelServer:
     async def reconfigure(self, config: dict[str, Any] | None) -> None:
         """Apply ``user_config``; see the module docstring."""
         new: dict[str, Served] = {}
-        for entry in parse_models(config):
+        entries = parse_models(config)
+        for entry in entries:
             old = self.models.get(entry["route"])
             if old is not None and old.name != entry["name"]:
                 old = None
@@ -353,9 +386,12 @@ class ModelServer:
                 canary_weight=weight,
                 infer=infer,
                 max_request_bytes=entry["max_request_bytes"],
+                monitor=self.monitors.get(entry["route"])
+                or ReplicaMonitor(entry["route"], _replica_id()),
                 error=error,
             )
         self.models = new  # the switch-over: one assignment
+        self._monitor(new, entries)
         for served in new.values():
             self.metrics.served(
                 served.route,
@@ -372,6 +408,21 @@ class ModelServer:
                 if served.canary
                 else "",
             )
+
+    def _monitor(self, served: dict[str, Served], entries: list[dict[str, Any]]) -> None:
+        """Point each model's drift sampling at its production version (services.monitor)."""
+        for entry in entries:
+            model = served[entry["route"]]
+            version = model.production.version
+            reference, spec_yaml = self.loaded.get((model.name, version), (None, ""))
+            settings = settings_for(reference, spec_yaml, entry["monitor"])
+            model.monitor.configure(version, reference, settings)
+        for route, monitor in self.monitors.items():
+            if route not in served:
+                monitor.close()
+        self.monitors = {route: model.monitor for route, model in served.items()}
+        kept = {(m.name, v) for m in served.values() for v in m.versions}
+        self.loaded = {key: value for key, value in self.loaded.items() if key in kept}
 
     async def _versions(
         self, entry: dict[str, Any], old: Served | None
@@ -397,7 +448,9 @@ class ModelServer:
                 if predictor is not None and predictor.version == version:
                     return predictor
         artifact = await asyncio.to_thread(registry.load_artifact, self.tracking_uri, name, version)
-        return OnnxPredictor(artifact.onnx_bytes, artifact.schema, route, artifact.version)
+        predictor = OnnxPredictor(artifact.onnx_bytes, artifact.schema, route, artifact.version)
+        self.loaded[(name, version)] = (getattr(artifact, "drift", None), artifact.spec_yaml)
+        return predictor
 
     def _model(self, route: str) -> Served:
         served = self.models.get(route)
@@ -432,8 +485,42 @@ class ModelServer:
             seen.version = predictor.version
             predictor.check_options(want_probabilities)
             feeds = predictor.feeds(instances)
+            served.monitor.observe(predictor.version, feeds)
             prediction, probabilities = await served.infer((predictor, feeds))
             return json_response(predictor.respond(prediction, probabilities, want_probabilities))
+
+    async def drift(self, request: Request, name: str) -> Response:
+        """``GET /v1/models/{name}/drift``: the drift report of the model's window (all
+        replicas), :func:`training.drift.report`'s JSON. A window without rows yet is a
+        report with ``window_rows`` 0, zeros and nothing drifted. 409 when the served
+        version is not monitored (no drift reference, or ``monitor.sample_rate`` 0);
+        503 when its merger cannot be reached."""
+        served = self._model(name)
+        monitor, version = served.monitor, served.production.version
+        if monitor.settings is None:
+            reference, _ = self.loaded.get((served.name, version), (None, ""))
+            if reference is None:
+                message = (
+                    f"{served.route}: version {version} has no drift reference (drift.json); "
+                    "it was registered before drift monitoring: register a new version"
+                )
+                expected = "a version registered with a drift reference"
+            else:
+                message = f"{served.route}: drift monitoring is off (monitor.sample_rate 0)"
+                expected = "monitor.sample_rate above 0"
+            return error_response(409, message, [problem("version", expected, version)])
+        try:
+            report = await monitor.report()
+        except Exception as exc:
+            logger.warning("%s: drift report failed: %s", served.route, exc)
+            report = None
+        if report is None:
+            return error_response(
+                503,
+                f"{served.route}: the drift monitor is not reachable now; retry",
+                headers={"Retry-After": "1"},
+            )
+        return json_response(report)
 
     # -- V2 (Open Inference Protocol) ------------------------------------------------
 
@@ -471,11 +558,21 @@ class ModelServer:
             predictor = served.at(version)
             seen.version = predictor.version
             feeds = v2.feeds(predictor, parsed.tensors)
+            served.monitor.observe(predictor.version, feeds)
             prediction, probabilities = await served.infer((predictor, feeds))
             content, headers = v2.response(
                 parsed, predictor, served.route, prediction, probabilities
             )
             return Response(content, headers=headers)
+
+
+def _replica_id() -> str:
+    """This replica's id (tags its rows in the drift merger), or "" outside Serve."""
+    try:
+        context = serve.get_replica_context()
+        return str(getattr(context, "replica_id", None) and context.replica_id.unique_id)
+    except Exception:
+        return ""
 
 
 def _version() -> str:

@@ -47,12 +47,16 @@ class ServedModel:
     serve: ServeSpec = field(default_factory=ServeSpec)
     canary_ref: str | None = None
     canary_weight: float = 0.0
+    # overrides the version's spec monitor.sample_rate (0: drift monitor off); None: the spec's
+    sample_rate: float | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.canary_weight <= 1.0:
             raise ValueError(f"canary weight: expected 0 to 1, got {self.canary_weight}")
         if self.canary_ref is None and self.canary_weight:
             raise ValueError("canary weight given without a canary version")
+        if self.sample_rate is not None and not 0.0 <= self.sample_rate <= 1.0:
+            raise ValueError(f"sample rate: expected 0 to 1, got {self.sample_rate}")
 
     @property
     def client_route(self) -> str:
@@ -69,7 +73,7 @@ class ServedModel:
             if self.canary_ref is not None
             else None
         )
-        return {
+        entry = {
             "name": self.name,
             "route": self.client_route,
             "ref": str(self.ref),
@@ -78,6 +82,9 @@ class ServedModel:
             "batch_wait_timeout_s": float(self.serve.batch_wait_timeout_s),
             "max_request_bytes": int(self.serve.max_request_bytes),
         }
+        if self.sample_rate is not None:
+            entry["monitor"] = {"sample_rate": float(self.sample_rate)}
+        return entry
 
 
 def deployment_options(specs: list[ServeSpec]) -> dict[str, Any]:
