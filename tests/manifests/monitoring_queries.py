@@ -164,11 +164,36 @@ def grouping_labels(expr: str) -> set[str]:
     return set(kept[0]) if kept else set()
 
 
+def grouped(expr: str) -> list[Selector]:
+    """Each metric under a ``by (...)`` aggregation of ``expr``, with the labels it is
+    grouped by (which the metric's series must carry, or the groups are empty)."""
+    found: list[Selector] = []
+
+    def visit(node: Any) -> None:
+        modifier = getattr(node, "modifier", None)
+        if not isinstance(node, promql_parser.AggregateExpr) or modifier is None:
+            return
+        if modifier.type != promql_parser.AggModifierType.By:
+            return
+        labels = frozenset(modifier.labels)
+        promql_parser.walk(
+            node.expr,
+            lambda inner: (
+                found.append(Selector(inner.name, labels))
+                if isinstance(inner, promql_parser.VectorSelector)
+                else None
+            ),
+        )
+
+    promql_parser.walk(parse(expr), visit)
+    return found
+
+
 def used_selectors() -> dict[str, set[str]]:
-    """metric → the labels any query of the dashboard or the rule matches it on."""
+    """metric → the labels any query of the dashboard or the rule matches or groups it on."""
     out: dict[str, set[str]] = {}
     for q in [*dashboard_queries(), *rule_queries()]:
-        for s in selectors(q.expr):
+        for s in [*selectors(q.expr), *grouped(q.expr)]:
             out.setdefault(s.metric, set()).update(s.labels)
     return out
 

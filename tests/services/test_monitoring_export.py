@@ -1,0 +1,181 @@
+"""The dashboard and the alerts of manifests/monitoring read what a live endpoint really
+exports: real Ray with its Prometheus export, Serve over HTTP through the native ingress
+(HAProxy and its exporter), a model registered with its drift reference in a real MLflow
+store, requests of good and bad rows. Every metric the Grafana dashboard and the
+PrometheusRule query (parsed with promql-parser: tests/manifests/monitoring_queries.py)
+must be on Ray's or HAProxy's ``/metrics``, with every label the query matches or groups
+on (Prometheus' own target labels aside).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from served import rows_of
+
+ROOT = Path(__file__).resolve().parents[2]
+NAME = "churn-dashboard"
+
+
+def _load(path: Path):
+    """A module from a file outside this folder (registered under its name, as an import
+    from tests/manifests would, so both see the same module)."""
+    if path.stem in sys.modules:
+        return sys.modules[path.stem]
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+queries = _load(ROOT / "tests" / "manifests" / "monitoring_queries.py")
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> tuple[str, object]:
+    """``churn-dashboard`` version 1 (production) with its drift reference, in a store of
+    its own; returns the tracking URI and the holdout rows."""
+    from training import export, registry
+    from training.data import load_splits, profile
+    from training.models import make_estimator
+    from training.pipeline import drift_reference
+    from training.preprocess import fit_preprocessor
+    from training.spec import parse_spec, spec_to_yaml
+
+    tmp = tmp_path_factory.mktemp("dashboard")
+    csv = tmp / "churn.csv"
+    _load(ROOT / "examples" / "make_csv.py").make_churn(rows=3000, seed=0).to_csv(csv, index=False)
+    spec = parse_spec(
+        {
+            "name": NAME,
+            "task": "classification",
+            "data": {"source": str(csv), "target": "churn", "categorical": ["plan", "region"]},
+            "metric": "accuracy",
+            "models": [{"type": "sklearn", "estimator": "sklearn.linear_model.LogisticRegression"}],
+            "monitor": {"window": 200},
+        }
+    )
+    splits = load_splits(spec.data, spec.task)
+    schema = splits.schema
+    pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
+    feats = pre.transform(splits.X_train)
+    y = np.array([schema.classes.index(c) for c in splits.y_train])
+    est = make_estimator("sklearn.linear_model.LogisticRegression", {"max_iter": 500}, 0)
+    onnx_bytes = export.assemble(
+        pre, export.sklearn_model_graph(est.fit(feats, y), feats.shape[1], spec.task), schema
+    )
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    run_id, source = registry.log_winner(
+        uri,
+        NAME,
+        onnx_bytes=onnx_bytes,
+        files={
+            "schema.json": schema.to_dict(),
+            "metrics.json": {"accuracy": 0.0},
+            "profile.json": profile(splits.X_train, schema),
+            "spec.yaml": spec_to_yaml(spec),
+            "drift.json": drift_reference(spec, splits, onnx_bytes),
+        },
+        params={},
+        metrics={},
+        tags={"rayship.test": "dashboard"},
+    )
+    version = registry.register_version(
+        uri, NAME, source, run_id, tags={"onnx_sha256": registry.sha256(onnx_bytes)}
+    )
+    registry.set_alias(uri, NAME, registry.PRODUCTION, version)
+    return uri, splits.X_test
+
+
+def _missing(used: dict[str, set[str]], exported: dict[str, dict[str, set[str]]]) -> list[str]:
+    """What the queries read that the exporters do not give (empty: all there)."""
+    out = []
+    for metric, labels in sorted(used.items()):
+        series = exported[queries.EXPORTED[metric]]
+        if metric not in series:
+            out.append(f"{metric}: not exported")
+            continue
+        lacking = labels - series[metric] - queries.TARGET_LABELS
+        if lacking:
+            out.append(f"{metric}: no label {sorted(lacking)} (has {sorted(series[metric])})")
+    return out
+
+
+def test_every_metric_the_dashboard_and_alerts_read_is_exported(model, free_port, native_ingress):
+    import ray
+    from ray import serve
+
+    from services.deploy import deploy, predict_http
+    from services.serve_config import ServedModel, serve_config
+    from training.spec import ServeSpec
+
+    uri, holdout = model
+    used = queries.used_selectors()
+    assert set(used) == set(queries.EXPORTED)
+    metrics_port = free_port()
+    haproxy_port = int(native_ingress["RAY_SERVE_HAPROXY_METRICS_PORT"])
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
+    try:
+        served = ServedModel(
+            name=NAME,
+            serve=ServeSpec(min_replicas=1, max_replicas=1, cpus_per_replica=0.5),
+        )
+        url = deploy(
+            serve_config([served], tracking_uri=uri, port=free_port()),
+            expect={NAME: ("1", None)},
+        )
+        rows = rows_of(holdout)
+        for i in range(0, len(rows), 20):
+            predict_http(url, NAME, rows[i : i + 20])
+        bad = httpx.post(
+            f"{url}/v1/models/{NAME}:predict", json={"instances": [{"plan": 3}]}, timeout=30
+        )
+        assert bad.status_code == 400
+
+        exported: dict[str, dict[str, set[str]]] = {}
+        missing = ["nothing scraped yet"]
+        deadline = time.monotonic() + 90
+        while missing and time.monotonic() < deadline:
+            exported = {
+                queries.RAY: queries.exported_series(
+                    httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+                ),
+                queries.HAPROXY: queries.exported_series(
+                    httpx.get(f"http://127.0.0.1:{haproxy_port}/metrics", timeout=10).text
+                ),
+            }
+            missing = _missing(used, exported)
+            time.sleep(1)
+        assert missing == []
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def test_the_check_names_what_an_exporter_lacks():
+    exported = {
+        queries.RAY: {"ray_rayship_requests_total": {"model", "version"}},
+        queries.HAPROXY: {},
+    }
+    used = {
+        "ray_rayship_requests_total": {"model", "code", "namespace"},
+        "haproxy_frontend_http_responses_total": {"proxy"},
+    }
+    assert _missing(used, exported) == [
+        "haproxy_frontend_http_responses_total: not exported",
+        "ray_rayship_requests_total: no label ['code'] (has ['model', 'version'])",
+    ]
