@@ -82,15 +82,20 @@ def endpoint_url(spec_name: str, where: Where) -> str | None:
     return url_of(config) if config is not None else None
 
 
-def drift_report(url: str, route: str, timeout: float = 30) -> dict[str, Any]:
-    """``GET {url}/v1/models/{route}/drift``; RetrainError when it cannot be had."""
+def drift_report(url: str, route: str, timeout: float = 30, tries: int = 3) -> dict[str, Any]:
+    """``GET {url}/v1/models/{route}/drift``; RetrainError when it cannot be had (a 503,
+    the monitor not reachable for a moment, is asked again after its Retry-After)."""
     address = f"{url}/v1/models/{route}/drift"
-    try:
-        resp = httpx.get(address, timeout=timeout)
-    except httpx.HTTPError as exc:
-        raise RetrainError(
-            f"--if-drifted: no endpoint answers at {address} ({exc or type(exc).__name__})"
-        ) from None
+    for attempt in range(tries):
+        try:
+            resp = httpx.get(address, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise RetrainError(
+                f"--if-drifted: no endpoint answers at {address} ({exc or type(exc).__name__})"
+            ) from None
+        if resp.status_code != 503 or attempt == tries - 1:
+            break
+        time.sleep(min(10.0, float(resp.headers.get("retry-after") or 1)))
     if resp.status_code != 200:
         try:
             message = resp.json().get("error", resp.text)
@@ -139,6 +144,13 @@ def retrain(
             )
         report = drift_report(url, route)
         rows = report.get("window_rows")
+        if not rows:
+            say(
+                f"no drift report yet: the endpoint at {url} has seen no rows of {name} "
+                f"(version {report.get('version')}) since it started serving it; "
+                "nothing to retrain"
+            )
+            return "not-drifted"
         if not report["drifted"]:
             say(
                 f"no drift: no feature of {name} (version {report.get('version')}) drifted in "

@@ -16,6 +16,7 @@ import os
 import subprocess
 import sys
 import threading
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -27,14 +28,6 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
 from specs import make_churn  # noqa: E402
-
-GOOD = {
-    "plan": "basic",
-    "region": "north",
-    "tenure_months": 3.0,
-    "monthly_charges": 50.0,
-    "support_tickets": 1.0,
-}
 
 
 def rayship(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -80,11 +73,19 @@ def write_spec(folder: Path, filename: str, source: Path, **overrides) -> Path:
 
 
 def flipped(rows: int, seed: int) -> pd.DataFrame:
-    """Churn rows whose labels are swapped: what made a customer churn now keeps them,
-    so the model trained on the original rows is mostly wrong on these."""
+    """Churn rows from a changed world: charges 40 higher (the traffic drifts) and the
+    labels swapped (what made a customer churn now keeps them), so the model trained on
+    the original rows is mostly wrong on these."""
     frame = make_churn(rows, seed)
+    frame["monthly_charges"] += 40.0
     frame["churn"] = frame["churn"].map({"churned": "stayed", "stayed": "churned"})
     return frame
+
+
+def feature_rows(path: Path) -> list[dict]:
+    """A data file's feature rows as a client sends them (missing values as null)."""
+    rows = pd.read_csv(path).drop(columns="churn")
+    return rows.astype(object).where(rows.notna(), None).to_dict(orient="records")
 
 
 # --------------------------------------------------------------------------- data, no Ray
@@ -211,8 +212,7 @@ def replica_ids(cwd: Path) -> list[str]:
 
 def test_if_drifted_does_nothing_on_undrifted_traffic(live, data):
     url = live["url"]
-    rows = make_churn(1200, 0).drop(columns="churn").head(600)
-    rows = rows.astype(object).where(rows.notna(), None).to_dict(orient="records")
+    rows = feature_rows(data["base"])[:600]
     for start in range(0, len(rows), 100):
         resp = httpx.post(
             f"{url}/v1/models/churn:predict",
@@ -220,15 +220,41 @@ def test_if_drifted_does_nothing_on_undrifted_traffic(live, data):
             timeout=30,
         )
         assert resp.status_code == 200, resp.text
+    wait_for_window(url, rows=300)  # the merged window of monitor.window rows is full
     done = rayship(
         "retrain", str(live["spec"]), "--data", str(data["shifted"]), "--if-drifted",
         cwd=live["cwd"],
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    assert "no drift: no feature of churn (version 1) drifted" in done.stdout
+    assert "no drift: no feature of churn (version 1) drifted in the last 300 rows" in done.stdout
     assert "retrain data" not in done.stdout  # no search ran
     assert production(live["cwd"]) == "1" and served_version(url) == "1"
     assert versions(live["cwd"]) == ["1"]
+
+
+def wait_for_window(url: str, rows: int, timeout: float = 60) -> None:
+    """Until the endpoint's drift report covers ``rows`` rows (replicas hand their counts
+    to the model's merger in the background)."""
+    deadline = time.monotonic() + timeout
+    seen = None
+    while time.monotonic() < deadline:
+        seen = httpx.get(f"{url}/v1/models/churn/drift", timeout=10).json().get("window_rows")
+        if seen == rows:
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"the drift window holds {seen} rows, not {rows}, after {timeout} s")
+
+
+def wait_for_drift(url: str, timeout: float = 60) -> None:
+    """Until the endpoint's drift report flags a feature (the shifted rows fill the window)."""
+    deadline = time.monotonic() + timeout
+    report: dict = {}
+    while time.monotonic() < deadline:
+        report = httpx.get(f"{url}/v1/models/churn/drift", timeout=10).json()
+        if report.get("drifted"):
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"no feature drifted after {timeout} s: {report}")
 
 
 def test_if_drifted_without_an_endpoint_is_a_clear_error(live, data, free_port):
@@ -241,29 +267,35 @@ def test_if_drifted_without_an_endpoint_is_a_clear_error(live, data, free_port):
 
 
 def test_retrain_on_shifted_data_promotes_and_swaps_the_live_endpoint_under_load(live, data):
-    """Labels flipped: production scores far worse on the new holdout than when it was
-    registered, the candidate beats it, becomes production, and the running replica
-    serves it without a restart and without one failed request meanwhile."""
+    """The traffic drifts (charges 40 higher), so `--if-drifted` retrains; on the new
+    data (labels flipped) production scores far worse than when it was registered, the
+    candidate beats it, becomes production, and the running replica serves it without a
+    restart and without one failed request meanwhile."""
     url, cwd = live["url"], live["cwd"]
     before = replica_ids(cwd)
+    shifted = feature_rows(data["shifted"])
     answers: list[tuple[int, str | None]] = []
     stop = threading.Event()
 
-    def client():
+    def client(offset: int):
         with httpx.Client(timeout=30) as http:
-            while not stop.is_set():
-                resp = http.post(f"{url}/v1/models/churn:predict", json={"instances": [GOOD]})
+            for i in range(offset, 10**6, 2):
+                if stop.is_set():
+                    break
+                body = {"instances": [shifted[i % len(shifted)]]}
+                resp = http.post(f"{url}/v1/models/churn:predict", json=body)
                 version = resp.json().get("model_version") if resp.status_code == 200 else None
                 answers.append((resp.status_code, version))
                 stop.wait(0.02)
 
-    threads = [threading.Thread(target=client) for _ in range(2)]
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(2)]
     for t in threads:
         t.start()
     try:
+        wait_for_drift(url)
         done = rayship(
             "retrain", str(live["spec"]), "--data", str(data["shifted"]), "--mode", "replace",
-            cwd=cwd,
+            "--if-drifted", cwd=cwd,
         )  # fmt: skip
         after_swap = len(answers)
         stop.wait(1.0)
@@ -273,6 +305,8 @@ def test_retrain_on_shifted_data_promotes_and_swaps_the_live_endpoint_under_load
             t.join()
     assert done.returncode == 0, done.stdout + done.stderr
     out = done.stdout
+    drifted = next(ln for ln in out.splitlines() if ln.startswith("drifted in the last 300"))
+    assert "monthly_charges" in drifted
     line = next(ln for ln in out.splitlines() if ln.startswith("production version 1:"))
     then, now, candidate = (float(x) for x in _scores(line))
     assert now < then - 0.2 and candidate > now  # the old model got worse; the new one wins
@@ -296,14 +330,17 @@ def _scores(line: str) -> list[str]:
 
 
 def test_a_losing_candidate_leaves_production_and_the_endpoint(live, data):
+    """Back on the original data the candidate is far better than production (trained on
+    the flipped labels), but not by the spec's gate.min_improvement: nothing changes."""
     url, cwd = live["url"], live["cwd"]
-    spec = write_spec(cwd, "strict.yaml", data["base"], gate={"min_improvement": 0.5})
-    done = rayship(
-        "retrain", str(spec), "--data", str(data["shifted"]), "--mode", "replace", cwd=cwd
-    )
+    spec = write_spec(cwd, "strict.yaml", data["base"], gate={"min_improvement": 0.9})
+    done = rayship("retrain", str(spec), "--data", str(data["base"]), "--mode", "replace", cwd=cwd)
     assert done.returncode == 0, done.stdout + done.stderr  # a correct refusal, not a failure
-    assert "less than gate.min_improvement 0.5" in done.stdout
-    assert "production stays version 2 and the endpoint is unchanged" in done.stdout
+    out = done.stdout
+    refusal = next(ln for ln in out.splitlines() if ln.startswith("not promoted:"))
+    assert "improves on production v2" in refusal
+    assert "less than gate.min_improvement 0.9" in refusal
+    assert "production stays version 2 and the endpoint is unchanged" in refusal
     assert production(cwd) == "2" and served_version(url) == "2"
     assert versions(cwd) == ["1", "2"]  # a refused candidate is not registered
 
