@@ -427,9 +427,15 @@ class ReplicaMonitor:
         names = list(batch[0][0])
         joined = {name: np.concatenate([feeds[name] for feeds, _ in batch]) for name in names}
         codes = drift.codes(reference, joined)
-        if not await self._call("push", version, codes, dropped, self.source):
-            if version == self.version:  # the merger lost its state: register again
-                self._registered = asyncio.get_running_loop().create_task(self._register())
+        # Registration first: Ray does not keep the order of calls to an async actor.
+        if self._registered is not None:
+            await self._registered
+        if await self._call("push", version, codes, dropped, self.source):
+            return
+        if version == self.version:  # the merger lost its state (restarted): register again
+            self._registered = asyncio.get_running_loop().create_task(self._register())
+            if await self._registered:
+                await self._call("push", version, codes, dropped, self.source)
 
     async def _flush_forever(self) -> None:
         while True:

@@ -391,6 +391,7 @@ def test_the_mergers_memory_stays_flat_over_100k_requests(monitored, port):
     assert last["buffer_bytes"] == first["buffer_bytes"] == WINDOW * len(FEATURES) * 2
     assert last["window_rows"] == WINDOW
     growth = _rss(last["pid"]) - rss_first
+    print(f"{done} requests, merger seen {last['seen']}, RSS growth {growth / 2**20:.2f} MiB")
     assert growth < 8 * 2**20, f"merger RSS grew {growth / 2**20:.1f} MiB over {done} requests"
 
 
