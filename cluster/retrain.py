@@ -15,7 +15,8 @@ promote → hot swap.
    (``gate.min_metric``, ``must_beat_production``, ``min_improvement``).
 4. **Promote** a passing candidate (alias ``production``) and **hot-swap** the live
    endpoint: locally the endpoint's ``user_config`` ref moves (Serve reconfigures the
-   running replicas: no restart, no failed request); with ``--kubernetes`` the
+   running replicas: no restart, no failed request; a canary of the model ends, as with
+   ``rayship models promote``); with ``--kubernetes`` the
    RayService's serveConfigV2 is patched the same way (``rayship models promote
    --kubernetes``). No endpoint: promoted only, and said so.
 

@@ -151,6 +151,20 @@ def test_min_improvement_asks_more_than_beating_production(data):
     assert gate_reasons(loss, 0.45, "1", 0.5)  # 0.05 better: not enough
 
 
+def test_the_cooldown_clock_is_a_tag_of_the_registered_model(tmp_path):
+    """What both a local run and a CronJob read: the last retrain's time on the model."""
+    from training import registry
+    from training.retrain import LAST_RETRAIN, cooldown_left, last_retrain, record_retrain
+
+    uri = registry.tracking_uri(tmp_path / "state")
+    assert last_retrain(uri, "churn") is None and cooldown_left(uri, "churn", 3600) == 0
+    record_retrain(uri, "churn", when=1_000_000.0)  # creates the registered model
+    assert registry.client(uri).get_registered_model("churn").tags[LAST_RETRAIN] == "1000000.000"
+    assert cooldown_left(uri, "churn", 3600, now=1_000_100.0) == 3500
+    assert cooldown_left(uri, "churn", 3600, now=1_004_000.0) == 0
+    assert cooldown_left(uri, "churn", 0, now=1_000_100.0) == 0  # cooldown_s 0: no cooldown
+
+
 # --------------------------------------------------------------------------- live loop
 
 
