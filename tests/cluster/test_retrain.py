@@ -165,6 +165,17 @@ def test_the_cooldown_clock_is_a_tag_of_the_registered_model(tmp_path):
     assert cooldown_left(uri, "churn", 0, now=1_000_100.0) == 0  # cooldown_s 0: no cooldown
 
 
+def test_on_kubernetes_the_drift_check_goes_to_the_rayservices_serve_service():
+    """KubeRay names the Service in front of a RayService's endpoint ``<name>-serve-svc``."""
+    from cluster.retrain import Where, endpoint_url
+
+    where = Where(Path(".rayship"), kubernetes=True, namespace="ml")
+    url = endpoint_url("breast_cancer", where)
+    assert url == "http://breast-cancer-serve-serve-svc.ml.svc:8000"
+    where.url = "http://10.0.0.7:8000/"  # --url wins
+    assert endpoint_url("breast_cancer", where) == "http://10.0.0.7:8000"
+
+
 # --------------------------------------------------------------------------- live loop
 
 
