@@ -19,7 +19,8 @@ Replica side (:class:`ReplicaMonitor`, one per served model in each replica)
 
 Merger (:class:`DriftMerger`, a Ray actor per model of the endpoint)
     Named ``rayship-drift-<route>`` in namespace ``rayship``, detached, ``num_cpus=0``,
-    restarted by Ray if it dies (``max_restarts=-1``). Every replica of the model gets
+    restarted by Ray if it dies (``max_restarts=-1``), created by the first replica that
+    serves a monitored version (a model never monitored has none). Every replica of the model gets
     it with ``get_if_exists`` and pushes to it, so the window covers all replicas'
     traffic. Detached, because it must outlive the replica that happened to create it:
     a replica restart, a downscale or a redeploy with new code keeps the window. A
@@ -324,6 +325,17 @@ def get_merger(route: str) -> Any:
     ).remote(route)
 
 
+def _exists(route: str) -> bool:
+    """Whether ``route``'s merger exists (without creating it)."""
+    import ray
+
+    try:
+        ray.get_actor(merger_name(route), namespace=NAMESPACE)
+    except Exception:  # ValueError: no such actor
+        return False
+    return True
+
+
 class ReplicaMonitor:
     """One model's sampling in one replica (see the module docstring). :meth:`observe`
     is on the request path; everything else runs in the replica's event loop beside it."""
@@ -406,6 +418,9 @@ class ReplicaMonitor:
         settings = self.settings
         window = settings.window if settings else 0
         reference = self.reference if settings else None
+        if settings is None and self._merger is None:
+            if not await asyncio.to_thread(_exists, self.route):
+                return True  # not monitored; no merger holds an earlier version to retire
         try:
             return bool(
                 await self._call("register", self.version, reference, window, self.configured_at)

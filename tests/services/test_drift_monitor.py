@@ -354,6 +354,60 @@ def test_a_hot_swap_restarts_the_window_against_the_new_version(monitored, port,
     wait_gauges(metrics_port, "2", {("ray_rayship_drift_window_rows", ""): 0.0})
 
 
+def replicas() -> dict[str, str]:
+    """replica id -> actor name of the endpoint's running replicas."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    deployment = details["applications"]["rayship"]["deployments"]["ModelServer"]
+    return {
+        r["replica_id"]: r["actor_name"] for r in deployment["replicas"] if r["state"] == "RUNNING"
+    }
+
+
+def test_a_replica_restart_keeps_the_window_and_a_merger_restart_recovers(monitored, port):
+    """Serve replaces a killed replica: the window (version 1, 100 rows from the hot swap
+    test) stays, and the new replica's rows join it. A killed merger is restarted by Ray
+    with an empty window; the replicas register again and the report goes on."""
+    import ray
+
+    url = f"http://127.0.0.1:{port}"
+    before = replicas()
+    assert len(before) == 2
+    victim = sorted(before)[0]
+    ray.kill(ray.get_actor(before[victim], namespace="serve"), no_restart=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        now = replicas()
+        if len(now) == 2 and victim not in now:
+            break
+        time.sleep(0.5)
+    assert victim not in now and len(now) == 2, now
+    report = drift(url).json()
+    assert (report["version"], report["window_rows"]) == ("1", 100)
+    sent, new = 0, set(now) - set(before)
+    for _ in range(20):
+        sent += send(url, fresh(50, 60 + sent), per_request=5, threads=8)
+        if new & set(wait_seen(100 + sent, "1")["sources"]):
+            break
+    assert new & set(merger_stats()["sources"]), (new, merger_stats())
+    assert drift(url).json()["window_rows"] == 100 + sent
+
+    merger = ray.get_actor(merger_name(NAME), namespace=NAMESPACE)
+    ray.kill(merger, no_restart=False)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        resp = drift(url)
+        if resp.status_code == 200:
+            break
+        time.sleep(0.5)
+    assert resp.status_code == 200, resp.text
+    assert (resp.json()["version"], resp.json()["window_rows"]) == ("1", 0)
+    send(url, fresh(40, 70), per_request=5, threads=8)
+    wait_seen(40, "1")
+    assert drift(url).json()["window_rows"] == 40
+
+
 def test_a_version_without_a_reference_answers_409_and_serves_on(monitored, port):
     url = serve(monitored, port, "3", replicas=2)
     resp = drift(url)
