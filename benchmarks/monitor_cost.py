@@ -12,11 +12,16 @@ between the two. Each (body, mode) cell is a closed-loop run (``wrk`` through
 on/off/on/off..., for ``--rounds`` rounds, and the cost is read from the medians.
 
     flock /tmp/rayship-cpu.lock .venv/bin/python benchmarks/monitor_cost.py \
-        [--duration 12] [--rounds 2] [--concurrency 8] [--out benchmarks/results/monitor_cost.json]
+        [--duration 8] [--rounds 3] [--concurrency 8] [--out benchmarks/results/monitor_cost.json]
 
 Bodies: 1 row (the per-request cost) and 64 rows (the per-row cost: codes of 64 rows
 per request). The merger's row count is read after each "on" run to show that the
 monitor did see the traffic.
+
+Throughput on a 2-core machine shared with the load generator moves by several percent
+between runs, so each run also accounts CPU time (``serving_load.cpu_split``, from
+``/proc``): the replica's CPU ms per request with the monitor on and off is the cost
+itself, and the merger actor's CPU (its own pid) is added to the "on" side.
 """
 
 from __future__ import annotations
@@ -134,7 +139,8 @@ def deploy(uri: str, port: int, sample_rate: float) -> str:
     return deploy_config(serve_config([model], tracking_uri=uri, port=port))
 
 
-def merger_seen() -> int:
+def merger_stats() -> dict[str, Any]:
+    """The merger's stats (rows seen, pid), or zeros before it exists."""
     import ray
 
     from services.monitor import NAMESPACE, merger_name
@@ -142,8 +148,30 @@ def merger_seen() -> int:
     try:
         actor = ray.get_actor(merger_name(NAME), namespace=NAMESPACE)
     except ValueError:
-        return 0
-    return int(ray.get(actor.stats.remote())["seen"])
+        return {"seen": 0, "pid": None}
+    return ray.get(actor.stats.remote())
+
+
+def cpu_ms(pid: int | None) -> float:
+    """CPU time (user + system) of one process so far, in ms."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
+
+
+def cluster_sessions() -> set[int]:
+    """Session ids of this Ray cluster's processes (HAProxy included), for cpu_split (the
+    replica is told apart by its command line; only its CPU is read)."""
+    sids = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            if "ray::" in cmd or "raylet" in cmd or "gcs_server" in cmd or "haproxy" in cmd:
+                sids.add(os.getsid(int(pid)))
+        except OSError:
+            continue
+    return sids
 
 
 def body_of(rows: int) -> bytes:
@@ -159,9 +187,9 @@ def body_of(rows: int) -> bytes:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--duration", type=float, default=12.0)
+    parser.add_argument("--duration", type=float, default=8.0)
     parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--rows", default="1,64")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/monitor_cost.json")
@@ -188,15 +216,31 @@ def main(argv: list[str] | None = None) -> None:
                     target = f"{url}/v1/models/{NAME}:predict"
                     load.closed_loop(target, body, cfg.concurrency, cfg.warmup)
                     time.sleep(1.0)  # the warm-up's last flush
-                    seen = merger_seen()
-                    result = load.closed_loop(target, body, cfg.concurrency, cfg.duration)
+                    before = merger_stats()
+                    merger0 = cpu_ms(before["pid"])
+                    result = load.cpu_split(
+                        lambda t=target, b=body: load.closed_loop(
+                            t, b, cfg.concurrency, cfg.duration
+                        ),
+                        cluster_sessions(),
+                    )
+                    requests = max(1, result["requests"])
+                    replica = result["cpu_ms"].get("replicas (rayship)", 0.0)
+                    result["replica_cpu_ms_per_request"] = replica / requests
+                    result["merger_cpu_ms_per_request"] = 0.0
                     if mode == "on":
                         time.sleep(1.0)  # the last flush
-                        result["monitor_rows"] = merger_seen() - seen
+                        after = merger_stats()
+                        result["monitor_rows"] = after["seen"] - before["seen"]
+                        result["merger_cpu_ms_per_request"] = (
+                            cpu_ms(after["pid"]) - merger0
+                        ) / requests
                     per_mode[mode].append(result)
                     print(
                         f"{rows:>3} rows  monitor {mode:3}  {result['rps']:8.1f} req/s  "
                         f"p50 {result['p50_ms']:.2f} ms  p99 {result['p99_ms']:.2f} ms  "
+                        f"replica {result['replica_cpu_ms_per_request']:.4f} CPU ms/req  "
+                        f"merger {result['merger_cpu_ms_per_request']:.4f}  "
                         f"errors {result['errors']}",
                         flush=True,
                     )
@@ -209,10 +253,17 @@ def main(argv: list[str] | None = None) -> None:
     for rows, per_mode in cells.items():
         on = statistics.median(r["rps"] for r in per_mode["on"])
         off = statistics.median(r["rps"] for r in per_mode["off"])
+        cpu_on = statistics.median(
+            r["replica_cpu_ms_per_request"] + r["merger_cpu_ms_per_request"] for r in per_mode["on"]
+        )
+        cpu_off = statistics.median(r["replica_cpu_ms_per_request"] for r in per_mode["off"])
         summary[rows] = {
             "rps_on": round(on, 1),
             "rps_off": round(off, 1),
             "cost_pct": round(100.0 * (off - on) / off, 2),
+            "cpu_ms_per_request_on": round(cpu_on, 4),
+            "cpu_ms_per_request_off": round(cpu_off, 4),
+            "cpu_cost_pct": round(100.0 * (cpu_on - cpu_off) / cpu_off, 2),
             "p50_ms_on": statistics.median(r["p50_ms"] for r in per_mode["on"]),
             "p50_ms_off": statistics.median(r["p50_ms"] for r in per_mode["off"]),
             "monitor_rows_per_request": round(
@@ -241,7 +292,9 @@ def main(argv: list[str] | None = None) -> None:
     for rows, s in summary.items():
         print(
             f"{rows:>3} rows: on {s['rps_on']} req/s, off {s['rps_off']} req/s, "
-            f"cost {s['cost_pct']}%"
+            f"throughput cost {s['cost_pct']}%; replica+merger CPU a request "
+            f"{s['cpu_ms_per_request_on']} vs {s['cpu_ms_per_request_off']} ms, "
+            f"{s['cpu_cost_pct']}%"
         )
     print(f"wrote {cfg.out}")
 

@@ -13,7 +13,8 @@ Replica side (:class:`ReplicaMonitor`, one per served model in each replica)
     ``push`` to the merger — awaited there, off the request path, so a slow merger
     slows nothing but the next flush. Feeds waiting in a replica are capped at the
     window's row count: older ones fall out of the window anyway, and are dropped
-    (counted as ``dropped``), so a replica's memory is bounded whatever the traffic.
+    (counted as ``dropped``), so a replica's memory, and the rows it turns into codes
+    each second, are bounded whatever the traffic.
     Only the production version's traffic is counted: a canary has its own reference
     and its rows would mix two versions' slots in one window.
 
@@ -70,7 +71,7 @@ import numpy as np
 logger = logging.getLogger("ray.serve")
 
 NAMESPACE = "rayship"
-FLUSH_INTERVAL_S = 0.5
+FLUSH_INTERVAL_S = 1.0
 GAUGE_INTERVAL_S = 2.0
 CALL_TIMEOUT_S = 30.0
 DEFAULT_WINDOW = 1000
