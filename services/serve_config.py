@@ -6,7 +6,9 @@ paths are KServe's ``/v1/models/{name}…`` and ``/v2/…``), with one deploymen
 ``ModelServer`` (:mod:`services.app`), that serves every listed model. What can change
 while it serves lives in the deployment's ``user_config`` — per model: the registered
 name, the route clients use, the ref (version or alias) of the production version, an
-optional canary (ref and traffic weight), batching and the request size limit — so that
+optional canary (ref and traffic weight), batching, the request size limit and, when
+set, the drift monitor's ``sample_rate`` (``monitor: {sample_rate}``, overriding the
+version's spec; 0 turns the monitor off: :mod:`services.monitor`) — so that
 a new config that differs only there is applied by ``reconfigure`` on the running
 replicas, without a restart (Serve's "lightweight update"; KubeRay applies a changed
 ``serveConfigV2`` the same way, in place).
