@@ -21,9 +21,9 @@ Replica side (:class:`ReplicaMonitor`, one per served model in each replica)
 Merger (:class:`DriftMerger`, a Ray actor per model of the endpoint)
     Named ``rayship-drift-<route>`` in namespace ``rayship``, detached, ``num_cpus=0``,
     restarted by Ray if it dies (``max_restarts=-1``), created by the first replica that
-    serves a monitored version (a model never monitored has none). Every replica of the model gets
-    it with ``get_if_exists`` and pushes to it, so the window covers all replicas'
-    traffic. Detached, because it must outlive the replica that happened to create it:
+    serves a monitored version (a model never monitored has none). Every replica of the
+    model gets it with ``get_if_exists`` and pushes to it, so the window covers all
+    replicas' traffic. Detached, because it must outlive the replica that happened to create it:
     a replica restart, a downscale or a redeploy with new code keeps the window. A
     model removed from the endpoint leaves its merger (a few kB) until the cluster
     stops or it is killed by name.
@@ -38,13 +38,18 @@ Merger (:class:`DriftMerger`, a Ray actor per model of the endpoint)
     version are refused too; a replica whose push is refused because the merger lost
     its state (it restarted) registers again. A new production version (promote, hot
     swap, rollback) therefore restarts the window; a restarted replica of the same
-    version does not.
+    version does not. (The registration times are the replicas' wall clocks: nodes of
+    one cluster are assumed to agree to well under a deploy's duration.)
 
     The window's size is the reference's ``window`` (``monitor.window`` of the spec
     the version was trained with): the alert levels were calibrated for windows of
     that size (:mod:`training.drift`). ``sample_rate`` comes from the same spec, or
     from the endpoint's ``user_config`` per model (``monitor: {sample_rate}``), where
     0 turns the monitor off for that model.
+
+Cost (``benchmarks/monitor_cost.py``, one replica, 2 cores, wrk at concurrency 8, on vs
+off alternating): about 3% of the replica's CPU a request for one-row requests (and 1%
+more in the merger), under 1% for 64-row requests; throughput within the runs' noise.
 
 Gauges (set by the merger on each report and every ``GAUGE_INTERVAL_S`` while new rows
 arrive; Ray's exporter adds the ``ray_`` prefix) — ``feature`` is the data's column name:
