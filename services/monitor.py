@@ -48,8 +48,9 @@ Merger (:class:`DriftMerger`, a Ray actor per model of the endpoint)
     0 turns the monitor off for that model.
 
 Cost (``benchmarks/monitor_cost.py``, one replica, 2 cores, wrk at concurrency 8, on vs
-off alternating): about 3% of the replica's CPU a request for one-row requests (and 1%
-more in the merger), under 1% for 64-row requests; throughput within the runs' noise.
+off alternating, medians of 3 runs): one-row requests 2.5% fewer requests/s, 3.4% more
+CPU a request (replica and merger; the three runs' throughput cost spread from -0.3% to
+4.6%); 64-row requests -0.2% and 0.4%.
 
 Gauges (set by the merger on each report and every ``GAUGE_INTERVAL_S`` while new rows
 arrive; Ray's exporter adds the ``ray_`` prefix) — ``feature`` is the data's column name:
