@@ -135,9 +135,10 @@ def _children_of(pid: int) -> list[int]:
     return out
 
 
-def _reap_orphans(grace_s: float) -> int:
-    """Wait for (then end) the processes re-parented to this subreaper; returns how many
-    had to be signalled. Only this process's own descendants can be its children."""
+def _reap_orphans(grace_s: float, keep: frozenset[int] = frozenset()) -> int:
+    """Wait for (then end) the processes re-parented to this subreaper, but those in
+    ``keep``; returns how many had to be signalled. Only this process's own descendants
+    can be its children."""
     deadline = time.monotonic() + grace_s
     signalled = 0
     sent: set[int] = set()
@@ -148,7 +149,7 @@ def _reap_orphans(grace_s: float) -> int:
             return signalled
         if pid:
             continue
-        left = _children_of(os.getpid())
+        left = [c for c in _children_of(os.getpid()) if c not in keep]
         if not left:
             return signalled
         if time.monotonic() > deadline:
@@ -186,6 +187,7 @@ def run_measured(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 1800,
+    keep: frozenset[int] = frozenset(),
 ) -> Measured:
     """Run ``command`` (output to ``log_path``); wall from spawn to its exit, CPU of its tree.
 
@@ -193,7 +195,7 @@ def run_measured(
     down after the driver), then SIGTERM/SIGKILL by pid; their CPU counts too.
     """
     become_subreaper()
-    _reap_orphans(0.0)  # leftovers of an earlier run must not count here
+    _reap_orphans(0.0, keep)  # leftovers of an earlier run must not count here
     cpu0 = _children_cpu_s()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
@@ -205,7 +207,7 @@ def run_measured(
             proc.kill()
             rc = proc.wait()
         wall = time.monotonic() - started
-    stragglers = _reap_orphans(5.0)
+    stragglers = _reap_orphans(5.0, keep)
     return Measured(
         command=command,
         returncode=rc,
@@ -215,6 +217,17 @@ def run_measured(
         stragglers=stragglers,
         log_path=str(log_path),
     )
+
+
+def orphans() -> frozenset[int]:
+    """The processes now re-parented to this subreaper (daemons a command left running)."""
+    become_subreaper()
+    return frozenset(_children_of(os.getpid()))
+
+
+def end_orphans(grace_s: float = 10.0) -> None:
+    """Wait for the re-parented processes to exit (after e.g. ``ray stop``), then end them."""
+    _reap_orphans(grace_s)
 
 
 def tail(path: str | Path, lines: int = 30) -> str:
