@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -176,8 +177,13 @@ def search_and_register(
 
     uri = registry.tracking_uri(state_dir)
     prep = prepare(spec)
-    if not ray.is_initialized():
-        connect() if connect else ray.init()
+    # A new MLflow store takes ~3 s here (import, SQLite schema migrations): create it
+    # while Ray starts, which mostly waits on its processes.
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-store") as pool:
+        store = pool.submit(registry.ensure_experiment, uri, f"{spec.name}-search")
+        if not ray.is_initialized():
+            connect() if connect else ray.init()
+        store.result()
     schema = prep.splits.schema
     ctx = TrialContext(
         task=spec.task,
@@ -189,7 +195,6 @@ def search_and_register(
         storage_path=storage_root(state_dir, "train"),
         data_refs={k: ray.put(v) for k, v in prep.arrays.items()},
     )
-    registry.ensure_experiment(uri, f"{spec.name}-search")
     result = run_search(
         spec,
         ctx,
