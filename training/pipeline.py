@@ -177,13 +177,20 @@ def search_and_register(
 
     uri = registry.tracking_uri(state_dir)
     prep = prepare(spec)
-    # A new MLflow store takes ~3 s here (import, SQLite schema migrations): create it
-    # while Ray starts, which mostly waits on its processes.
+    # A new MLflow store costs ~3 s here (import, SQLite migrations): it is created in a
+    # thread while Ray starts and the search begins; the search's tracking waits for it.
     with ThreadPoolExecutor(1, thread_name_prefix="mlflow-store") as pool:
         store = pool.submit(registry.ensure_experiment, uri, f"{spec.name}-search")
         if not ray.is_initialized():
             connect() if connect else ray.init()
-        store.result()
+        result = _search(spec, prep, state_dir, uri, num_samples, resume, callbacks, store)
+    return register_winner(spec, prep, result, uri)
+
+
+def _search(spec, prep, state_dir, uri, num_samples, resume, callbacks, store) -> SearchResult:
+    """Run the search on the connected Ray, the data put in its object store once."""
+    import ray
+
     schema = prep.splits.schema
     ctx = TrialContext(
         task=spec.task,
@@ -195,7 +202,7 @@ def search_and_register(
         storage_path=storage_root(state_dir, "train"),
         data_refs={k: ray.put(v) for k, v in prep.arrays.items()},
     )
-    result = run_search(
+    return run_search(
         spec,
         ctx,
         state_dir=state_dir,
@@ -203,8 +210,8 @@ def search_and_register(
         num_samples=num_samples,
         resume=resume,
         callbacks=callbacks,
+        store_ready=store,
     )
-    return register_winner(spec, prep, result, uri)
 
 
 def register_winner(spec: Spec, prep: Prepared, result: SearchResult, uri: str) -> Outcome:
