@@ -13,7 +13,7 @@ Cases (``--quick`` is smaller; the numbers below are the full mode):
 Tools (``benchmarks/tuning_tools.py`` says exactly how each is set up): ``rayship``
 (its default search: Optuna TPE + ASHA), ``rayship-up`` (the same, on a cluster that
 ``rayship up --workers 0`` started before the timer: what a team that keeps a cluster up
-waits for; its CPU use is not measured, the trials run in the cluster's processes),
+waits for),
 ``rayship-random`` (random + ASHA, full mode only), ``randomized``
 (RandomizedSearchCV), ``halving`` (HalvingRandomSearchCV), ``optuna`` (Optuna TPE +
 SuccessiveHalvingPruner). Every tool gets the spec's split (train / valid / holdout,
@@ -31,8 +31,8 @@ is scored on the holdout, which no search sees. From that:
 - **best at budget**: the holdout score of the best-so-far model at a fixed wall time;
 - **time to the common score**: the same as time to target, for the lowest final score
   any run of the case reached (so a ratio exists even if a fixed target is missed);
-- **CPU utilisation**: CPU seconds of every process the run started (reaped through a
-  child subreaper: exact) / (wall x cores).
+- **CPU utilisation**: busy CPU seconds of the whole machine during the run
+  (``/proc/stat``; the runs hold the machine alone) / (wall x cores).
 
 Tools run one at a time, in a rotating order across repeats (``--repeats``, 3 in full
 mode); medians are reported.
@@ -204,8 +204,7 @@ def run_tool(tool: str, spec: dict[str, Any], workdir: Path) -> dict[str, Any]:
         wall_s=round(m.wall_s, 2),
         done_s=round(result.pop("done") - m.started, 2),
         cpu_s=round(m.cpu_s, 2),
-        # with a cluster started before, the trials run in its processes, not the run's
-        cpu_utilisation=None if tool == UP_TOOL else round(m.utilisation(n), 3),
+        cpu_utilisation=round(m.utilisation(n), 3),
         stragglers_ended=m.stragglers,
         started=m.started,
     )
@@ -459,7 +458,7 @@ def main() -> None:
             "score of its best-so-far model (best valid score so far) first reaches the target",
             "best_at_budget": "holdout score of the best-so-far model at wall_budget_s",
             "common_score": "the lowest final holdout score of any run of the case",
-            "cpu_utilisation": "CPU seconds of all processes of the run / (wall x cores)",
+            "cpu_utilisation": "busy CPU seconds of the machine during the run / (wall x cores)",
             "wall_s": "process start to exit (rayship: including Ray start, export, registration)",
             "done_s": "process start to the search's result (rayship: after registration)",
         },
