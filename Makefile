@@ -37,6 +37,7 @@ BENCH_RESULTS := benchmarks/results$(if $(QUICK),/quick,)
 bench: setup
 	$(BIN)/python benchmarks/overhead.py $(BENCH_MODE)
 	$(BIN)/python benchmarks/tuning.py $(BENCH_MODE)
+	$(BIN)/python benchmarks/scaling.py $(BENCH_MODE)
 	$(BIN)/python benchmarks/search_report.py --results $(BENCH_RESULTS)
 
 # Serving benchmark (benchmarks/serving.py; ARGS=--quick for a smoke run). BentoML gets

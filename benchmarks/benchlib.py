@@ -135,9 +135,10 @@ def _children_of(pid: int) -> list[int]:
     return out
 
 
-def _reap_orphans(grace_s: float) -> int:
-    """Wait for (then end) the processes re-parented to this subreaper; returns how many
-    had to be signalled. Only this process's own descendants can be its children."""
+def _reap_orphans(grace_s: float, keep: frozenset[int] = frozenset()) -> int:
+    """Wait for (then end) the processes re-parented to this subreaper, but those in
+    ``keep``; returns how many had to be signalled. Only this process's own descendants
+    can be its children."""
     deadline = time.monotonic() + grace_s
     signalled = 0
     sent: set[int] = set()
@@ -148,7 +149,7 @@ def _reap_orphans(grace_s: float) -> int:
             return signalled
         if pid:
             continue
-        left = _children_of(os.getpid())
+        left = [c for c in _children_of(os.getpid()) if c not in keep]
         if not left:
             return signalled
         if time.monotonic() > deadline:
@@ -169,14 +170,24 @@ class Measured:
     command: list[str]
     returncode: int
     wall_s: float
-    cpu_s: float  # CPU seconds of the process and all its descendants
+    cpu_s: float  # CPU seconds of the process and the descendants reaped by it or us
+    machine_cpu_s: float  # busy CPU seconds of the whole machine (/proc/stat) meanwhile
     started: float  # time.monotonic() at spawn (CLOCK_MONOTONIC: the same in every process)
     stragglers: int  # descendants still running after the tool exited, ended by us
     log_path: str
 
     def utilisation(self, n_cores: int) -> float:
-        """CPU seconds / (wall x cores): 1.0 means every core was busy the whole time."""
-        return self.cpu_s / (self.wall_s * n_cores) if self.wall_s > 0 else 0.0
+        """Busy CPU seconds of the machine / (wall x cores): 1.0 means every core was busy
+        the whole time. Machine-wide, not the tree's rusage: Ray's worker processes are
+        not all reaped through the tool's tree (a 200,000-row search whose two trials
+        ran flat out showed 0.17 by rusage), and the runs hold the machine alone."""
+        return self.machine_cpu_s / (self.wall_s * n_cores) if self.wall_s > 0 else 0.0
+
+
+def machine_busy_s() -> float:
+    """Busy CPU seconds of the machine since boot (``/proc/stat``: all but idle, iowait)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(fields[:8]) - fields[3] - fields[4]) / CLK_TCK
 
 
 def run_measured(
@@ -186,6 +197,7 @@ def run_measured(
     cwd: Path | None = None,
     env: dict[str, str] | None = None,
     timeout_s: float = 1800,
+    keep: frozenset[int] = frozenset(),
 ) -> Measured:
     """Run ``command`` (output to ``log_path``); wall from spawn to its exit, CPU of its tree.
 
@@ -193,8 +205,8 @@ def run_measured(
     down after the driver), then SIGTERM/SIGKILL by pid; their CPU counts too.
     """
     become_subreaper()
-    _reap_orphans(0.0)  # leftovers of an earlier run must not count here
-    cpu0 = _children_cpu_s()
+    _reap_orphans(0.0, keep)  # leftovers of an earlier run must not count here
+    cpu0, busy0 = _children_cpu_s(), machine_busy_s()
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as out:
         started = time.monotonic()
@@ -205,16 +217,29 @@ def run_measured(
             proc.kill()
             rc = proc.wait()
         wall = time.monotonic() - started
-    stragglers = _reap_orphans(5.0)
+        busy = machine_busy_s() - busy0
+    stragglers = _reap_orphans(5.0, keep)
     return Measured(
         command=command,
         returncode=rc,
         wall_s=wall,
         cpu_s=_children_cpu_s() - cpu0,
+        machine_cpu_s=busy,
         started=started,
         stragglers=stragglers,
         log_path=str(log_path),
     )
+
+
+def orphans() -> frozenset[int]:
+    """The processes now re-parented to this subreaper (daemons a command left running)."""
+    become_subreaper()
+    return frozenset(_children_of(os.getpid()))
+
+
+def end_orphans(grace_s: float = 10.0) -> None:
+    """Wait for the re-parented processes to exit (after e.g. ``ray stop``), then end them."""
+    _reap_orphans(grace_s)
 
 
 def tail(path: str | Path, lines: int = 30) -> str:

@@ -2,8 +2,8 @@
 
     .venv/bin/python benchmarks/search_report.py [--results DIR]
 
-``DIR`` (default benchmarks/results) holds ``tuning.json`` and ``overhead.json`` of one
-``make bench`` run; the plots go beside them (``tuning.png``, ``overhead.png``).
+``DIR`` (default benchmarks/results) holds ``tuning.json``, ``overhead.json`` and
+``scaling.json`` of one ``make bench`` run; the plots go beside them.
 """
 
 from __future__ import annotations
@@ -74,13 +74,15 @@ def overhead_section(o: dict[str, Any], plot: str) -> list[str]:
     lines = ["## Overhead of a search", "", *machine_lines(o["machine"]), ""]
     lines += [
         "| one-second trials | reuse_actors | wall (s) | minimum (s) | overhead | "
-        "per trial (s) | trial processes |",
-        "| --- | --- | --- | --- | --- | --- | --- |",
+        "per trial (s) | trial processes | fit() to first trial (s) | "
+        "between trials on an actor (s) |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for b in o["bookkeeping"]:
         lines.append(
             f"| {b['trials']} | {b['reuse_actors']} | {b['wall_s']} | {b['minimum_s']} | "
-            f"{b['overhead_pct']} % | {b['per_trial_overhead_s']} | {b['trial_processes']} |"
+            f"{b['overhead_pct']} % | {b['per_trial_overhead_s']} | {b['trial_processes']} | "
+            f"{_fmt(b.get('start_to_first_trial_s'))} | {_fmt(b.get('between_trials_s'))} |"
         )
     lines += [
         "",
@@ -89,17 +91,79 @@ def overhead_section(o: dict[str, Any], plot: str) -> list[str]:
     ]
     for name, f in o["fixed_cost"].items():
         lines.append(f"| {name} | {f['cold_s']} | {f['warm_s']} | {f['search_wall_per_trial_s']} |")
+    if "ddp" in o:
+        d = o["ddp"]
+        lines += [
+            "",
+            f"TorchTrainer against plain DDP, {d['job']}: plain `torch.multiprocessing.spawn` "
+            f"{d['native_ddp_s']} s, 2-worker `TorchTrainer` {d['torch_trainer_s']} s, "
+            f"ratio {d['ratio']}.",
+        ]
     lines += ["", "Issue targets:", ""]
     limits = {
         "bookkeeping_overhead_pct <= 10": 10,
         "warm torch 1-worker first report < 1 s": 1,
         "warm 2-worker TorchTrainer first report < 5 s": 5,
+        "TorchTrainer / plain DDP on a job of >= 60 s <= 1.05": 1.05,
     }
     for what, value in o["targets"].items():
         ok = value is not None and value <= limits.get(what, float("inf"))
         lines.append(f"- {what}: {value} — {'met' if ok else '**not met**'}")
     lines += ["", f"![overhead]({plot})", ""]
     return lines
+
+
+def scaling_section(sc: dict[str, Any], plot: str) -> list[str]:
+    lines = [
+        "## Scaling across local nodes",
+        "",
+        *machine_lines(sc["machine"]),
+        f"- Each node: {sc['cpus_per_node']} logical CPUs (a raylet of "
+        "`ray.cluster_utils.Cluster` on this one machine); trials sleep "
+        f"{sc['trial_s']} s (this machine adds no cores with its nodes: what is measured is "
+        f"what Ray and Tune add), {sc['trials_per_slot']} trials a slot.",
+        "",
+        "| nodes | slots | trials | wall (s) | trials/min | ideal | efficiency | "
+        "fit() to first trial (s) | steady efficiency | trials per node | "
+        "driver CPU s a trial |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for s in sc["sizes"]:
+        lines.append(
+            f"| {s['nodes']} | {s['slots']} | {s['trials']} | {s['wall_s']} | "
+            f"{s['trials_per_min']} | {s['ideal_trials_per_min']} | {s['efficiency']} | "
+            f"{s['start_to_first_trial_s']} | {s['steady_efficiency']} | "
+            f"{s['trials_per_node']} | {s['driver_cpu_s_per_trial']} |"
+        )
+    p = sc["on_paper"]
+    lines += [
+        "",
+        f"On paper, {p['nodes']} nodes: {p['trials_per_min']} trials a minute, limited by "
+        f"{p['limited_by']} (nodes allow {p['node_bound_trials_per_min']}, one Tune driver "
+        f"{p['driver_bound_trials_per_min']}); assumes {p['assumes']}.",
+        "",
+        f"![scaling]({plot})",
+        "",
+    ]
+    return lines
+
+
+def plot_scaling(sc: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    nodes = [s["nodes"] for s in sc["sizes"]]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(nodes, [s["trials_per_min"] for s in sc["sizes"]], "o-", label="measured")
+    ax.plot(nodes, [s["ideal_trials_per_min"] for s in sc["sizes"]], "k:", label="ideal")
+    ax.set_xticks(nodes)
+    ax.set_xlabel("Ray nodes")
+    ax.set_ylabel(f"{sc['trial_s']:g}-second trials per minute")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 def plot_tuning(t: dict[str, Any], path: Path) -> None:
@@ -159,7 +223,7 @@ def main() -> None:
         "Written by `benchmarks/search_report.py` from one `make bench` run "
         f"(`{where}`). How each tool is set up: `benchmarks/tuning.py` and "
         "`benchmarks/tuning_tools.py`; "
-        "what is measured: `benchmarks/overhead.py`.",
+        "what is measured: `benchmarks/overhead.py` and `benchmarks/scaling.py`.",
         "",
     ]
     rel = args.out.parent
@@ -172,6 +236,11 @@ def main() -> None:
         o = json.loads(overhead.read_text())
         plot_overhead(o, args.results / "overhead.png")
         lines += overhead_section(o, str((args.results / "overhead.png").relative_to(rel)))
+    scaling = args.results / "scaling.json"
+    if scaling.exists():
+        sc = json.loads(scaling.read_text())
+        plot_scaling(sc, args.results / "scaling.png")
+        lines += scaling_section(sc, str((args.results / "scaling.png").relative_to(rel)))
     args.out.write_text("\n".join(lines) + "\n")
     print(args.out)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import subprocess
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from importlib.metadata import version as pkg_version
 from pathlib import Path
@@ -247,8 +248,20 @@ def search_and_register(
 
     uri = registry.tracking_uri(state_dir)
     prep = prepare(spec, splits)
-    if not ray.is_initialized():
-        connect() if connect else ray.init()
+    # A new MLflow store costs ~3 s here (import, SQLite migrations): it is created in a
+    # thread while Ray starts and the search begins; the search's tracking waits for it.
+    with ThreadPoolExecutor(1, thread_name_prefix="mlflow-store") as pool:
+        store = pool.submit(registry.ensure_experiment, uri, f"{spec.name}-search")
+        if not ray.is_initialized():
+            connect() if connect else ray.init()
+        result = _search(spec, prep, state_dir, uri, num_samples, resume, callbacks, store)
+    return register_winner(spec, prep, result, uri)
+
+
+def _search(spec, prep, state_dir, uri, num_samples, resume, callbacks, store) -> SearchResult:
+    """Run the search on the connected Ray, the data put in its object store once."""
+    import ray
+
     schema = prep.splits.schema
     ctx = TrialContext(
         task=spec.task,
@@ -260,8 +273,7 @@ def search_and_register(
         storage_path=storage_root(state_dir, "train"),
         data_refs={k: ray.put(v) for k, v in prep.arrays.items()},
     )
-    registry.ensure_experiment(uri, f"{spec.name}-search")
-    result = run_search(
+    return run_search(
         spec,
         ctx,
         state_dir=state_dir,
@@ -269,8 +281,8 @@ def search_and_register(
         num_samples=num_samples,
         resume=resume,
         callbacks=callbacks,
+        store_ready=store,
     )
-    return register_winner(spec, prep, result, uri)
 
 
 def register_winner(spec: Spec, prep: Prepared, result: SearchResult, uri: str) -> Outcome:

@@ -26,6 +26,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -297,8 +298,10 @@ def run_search(
     num_samples: int | None = None,
     resume: bool = False,
     callbacks: list | None = None,
+    store_ready: Future | None = None,
 ) -> SearchResult:
-    """Run (or resume) the search; Ray must already be initialised by the caller."""
+    """Run (or resume) the search; Ray must already be initialised by the caller.
+    ``store_ready``: the MLflow store's creation, if the caller started it in a thread."""
     # Tune warns on every checkpoint of short trials; the snapshots are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
     import ray
@@ -312,7 +315,7 @@ def run_search(
     searches = (state_dir / "searches").resolve()
     # result.json and progress.csv are what Tune's results and the tests read; Tune's
     # third default logger (TensorBoard) imports torch into this process (4 s here).
-    own = [MLflowTrials(mlflow_uri, f"{spec.name}-search", resume=resume)]
+    own = [MLflowTrials(mlflow_uri, f"{spec.name}-search", resume, store_ready)]
     own += [JsonLoggerCallback(), CSVLoggerCallback(), *(callbacks or [])]
     start = time.monotonic()
     if resume:
