@@ -140,9 +140,7 @@ def _split_appended(frame: pd.DataFrame, n_old: int, spec: Spec, where: str) -> 
             stratify=y_rest if classification else None,
         )
     except ValueError as exc:
-        raise DataError(
-            f"data.valid_fraction: cannot split {len(X_rest)} rows: {exc}"
-        ) from None
+        raise DataError(f"data.valid_fraction: cannot split {len(X_rest)} rows: {exc}") from None
     return assemble_splits(
         (X_train, y_train), (X_valid, y_valid), (X_test, y_test), schema, content_hash(frame)
     )
