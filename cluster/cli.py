@@ -27,7 +27,8 @@ Examples:
   rayship models list digits                # versions, metrics, aliases
   rayship serve digits --canary 4           # 10% of requests to version 4
   rayship predict digits --input rows.csv   # a CSV's rows to the endpoint
-  rayship drift digits --data new.csv      # new rows against the training data
+  rayship drift digits --data new.csv       # new rows against the training data
+  rayship retrain examples/digits.yaml --data new.csv --if-drifted   # the loop's last step
   rayship render examples/digits.yaml --out k8s/   # RayJob + RayService manifests
 
 Use "rayship COMMAND --help" for more information about a command."""
@@ -291,9 +292,9 @@ def retrain(
         int | None, typer.Option(min=1, metavar="N", help="override search.num_samples")
     ] = None,
 ) -> None:
-    """Search on new data, gate against production, promote, hot-swap the endpoint.
+    """Retrain on new data; promote and hot-swap a winner.
 
-    The candidate is gated against production scored on the same holdout, drawn from
+    Searches on the new data (appended to the spec's, or replacing it). The candidate is gated against production scored on the same holdout, drawn from
     the new rows (the gate's rules and gate.min_improvement). A winner becomes
     `production` and the live endpoint switches to it in place (local, or the
     RayService with --kubernetes). A loser changes nothing, and the reasons are
