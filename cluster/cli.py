@@ -294,11 +294,12 @@ def retrain(
 ) -> None:
     """Retrain on new data; promote and hot-swap a winner.
 
-    Searches on the new data (appended to the spec's, or replacing it). The candidate is gated against production scored on the same holdout, drawn from
-    the new rows (the gate's rules and gate.min_improvement). A winner becomes
-    `production` and the live endpoint switches to it in place (local, or the
-    RayService with --kubernetes). A loser changes nothing, and the reasons are
-    printed. --if-drifted asks the endpoint's drift report first.
+    Searches on the new data (appended to the spec's, or replacing it). The candidate is
+    gated against production scored on the same holdout, drawn from the new rows (the
+    gate's rules and gate.min_improvement). A winner becomes `production` and the live
+    endpoint switches to it in place (local, or the RayService with --kubernetes). A
+    loser changes nothing, and the reasons are printed. --if-drifted asks the
+    endpoint's drift report first.
 
     No retrain within monitor.cooldown_s of the last one (--force). Exits 0 when it
     promoted, refused a worse model, found no drift or is in its cooldown; 1 on errors."""
