@@ -24,40 +24,8 @@ def make_churn(rows: int, seed: int) -> pd.DataFrame:
     return module.make_churn(rows, seed)
 
 
-def register_without_search(spec, state: Path) -> str:
-    """The churn spec's winner as a search would leave it (a logistic regression's
-    checkpoint), through register_winner: export, parity, gate, drift.json, register."""
-    import joblib
-    from sklearn.linear_model import LogisticRegression
-
-    from training import pipeline, registry
-    from training.tune import SearchResult
-
-    prep = pipeline.prepare(spec)
-    estimator = LogisticRegression(max_iter=500).fit(prep.arrays["X_train"], prep.arrays["y_train"])
-    checkpoint = state / "checkpoint"
-    checkpoint.mkdir(parents=True)
-    joblib.dump(estimator, checkpoint / "estimator.joblib")
-    result = SearchResult(
-        best_config={"family": 0},
-        best_metrics={spec.metric: 0.5},
-        best_checkpoint=str(checkpoint),
-        trial_id="t0",
-        trials=1,
-        errored=0,
-        wall_s=0.0,
-        experiment_path=str(state),
-        trial_nodes=set(),
-    )
-    outcome = pipeline.register_winner(spec, prep, result, registry.tracking_uri(state))
-    registry.set_alias(
-        registry.tracking_uri(state), spec.name, registry.PRODUCTION, outcome.version
-    )
-    return outcome.version
-
-
 @pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
+def project(tmp_path_factory, register_without_search) -> Path:
     """A working directory whose ./.rayship holds churn version 1 (production), trained
     on a churn table with a spaced column name ("monthly charges")."""
     from training.spec import parse_spec
@@ -77,7 +45,8 @@ def project(tmp_path_factory) -> Path:
             "monitor": {"window": 1000},
         }
     )
-    assert register_without_search(spec, cwd / ".rayship") == "1"
+    outcome = register_without_search(spec, cwd / ".rayship", production=True)
+    assert outcome.version == "1"
     return cwd
 
 

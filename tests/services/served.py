@@ -3,6 +3,9 @@ its own: two `conftest` modules cannot both be imported by name)."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import numpy as np
 import pandas as pd
 
@@ -45,3 +48,25 @@ def keyed_by_column(rows: list[dict], schema) -> list[dict]:
     """Rows keyed by ONNX input names (as ``rows_of`` gives them) re-keyed by the data's own
     column names, in feature order."""
     return [{f.column: row[f.name] for f in schema.features} for row in rows]
+
+
+@contextlib.contextmanager
+def ray_with_metrics(metrics_port: int) -> Iterator[None]:
+    """A private local Ray (2 CPUs) whose metrics agent exports on ``metrics_port`` and
+    reports every second; Serve and Ray are shut down after."""
+    import ray
+    from ray import serve
+
+    ray.init(
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        _metrics_export_port=metrics_port,
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
+    try:
+        yield
+    finally:
+        serve.shutdown()
+        ray.shutdown()

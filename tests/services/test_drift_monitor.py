@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import pandas as pd
 import pytest
-from served import rows_of
+from served import ray_with_metrics, rows_of
 
 from services.deploy import deploy, predict_http
 from services.monitor import NAMESPACE, MonitorSettings, RingBuffer, merger_name, settings_for
@@ -168,22 +168,8 @@ def metrics_port(free_port):
 
 @pytest.fixture(scope="module")
 def port(free_port, metrics_port):
-    import ray
-    from ray import serve
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
-    )
-    try:
+    with ray_with_metrics(metrics_port):
         yield free_port()
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def serve(monitored, port, version: str, replicas: int = 1, sample_rate=None) -> str:

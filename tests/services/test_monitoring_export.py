@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from served import rows_of
+from served import ray_with_metrics, rows_of
 
 ROOT = Path(__file__).resolve().parents[2]
 NAME = "churn-dashboard"
@@ -109,9 +109,6 @@ def _missing(used: dict[str, set[str]], exported: dict[str, dict[str, set[str]]]
 
 
 def test_every_metric_the_dashboard_and_alerts_read_is_exported(model, free_port, native_ingress):
-    import ray
-    from ray import serve
-
     from services.deploy import deploy, predict_http
     from services.serve_config import ServedModel, serve_config
     from training.spec import ServeSpec
@@ -121,15 +118,7 @@ def test_every_metric_the_dashboard_and_alerts_read_is_exported(model, free_port
     assert set(used) == set(queries.EXPORTED)
     metrics_port = free_port()
     haproxy_port = int(native_ingress["RAY_SERVE_HAPROXY_METRICS_PORT"])
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
-    )
-    try:
+    with ray_with_metrics(metrics_port):
         served = ServedModel(
             name=NAME,
             serve=ServeSpec(min_replicas=1, max_replicas=1, cpus_per_replica=0.5),
@@ -161,9 +150,6 @@ def test_every_metric_the_dashboard_and_alerts_read_is_exported(model, free_port
             missing = _missing(used, exported)
             time.sleep(1)
         assert missing == []
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 def test_the_check_names_what_an_exporter_lacks():

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
-from served import GOOD, keyed_by_column, offline_outputs, rows_of
+from served import GOOD, keyed_by_column, offline_outputs, ray_with_metrics, rows_of
 
 from services.deploy import PredictError, predict_http, serve_model
 from training import export, registry
@@ -36,18 +36,7 @@ def metrics_port(free_port):
 
 @pytest.fixture(scope="module")
 def endpoint(registered, free_port, metrics_port):
-    import ray
-    from ray import serve
-
-    ray.init(
-        address="local",
-        num_cpus=2,
-        include_dashboard=False,
-        log_to_driver=False,
-        _metrics_export_port=metrics_port,
-        _system_config={"metrics_report_interval_ms": 1000},
-    )
-    try:
+    with ray_with_metrics(metrics_port):
         url = serve_model(
             registered.name,
             "production",
@@ -56,9 +45,6 @@ def endpoint(registered, free_port, metrics_port):
             port=free_port(),
         )
         yield url
-    finally:
-        serve.shutdown()
-        ray.shutdown()
 
 
 @pytest.fixture(scope="module")

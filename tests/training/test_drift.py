@@ -277,35 +277,9 @@ def test_monitor_defaults_and_min_improvement():
 # -- drift.json with every registered version -------------------------------------------
 
 
-def register_without_search(spec, state):
-    """What a search's winner goes through (export, parity, gate, register) for a
-    logistic regression fitted here, without Ray: its checkpoint as Tune leaves it."""
-    import joblib
-    from sklearn.linear_model import LogisticRegression
-
-    from training import pipeline, registry
-    from training.tune import SearchResult
-
-    prep = pipeline.prepare(spec)
-    estimator = LogisticRegression(max_iter=500).fit(prep.arrays["X_train"], prep.arrays["y_train"])
-    checkpoint = state / "checkpoint"
-    checkpoint.mkdir(parents=True)
-    joblib.dump(estimator, checkpoint / "estimator.joblib")
-    result = SearchResult(
-        best_config={"family": 0},
-        best_metrics={spec.metric: 0.5},
-        best_checkpoint=str(checkpoint),
-        trial_id="t0",
-        trials=1,
-        errored=0,
-        wall_s=0.0,
-        experiment_path=str(state),
-        trial_nodes=set(),
-    )
-    return pipeline.register_winner(spec, prep, result, registry.tracking_uri(state))
-
-
-def test_a_registered_version_carries_its_drift_reference(churn_csv, tmp_path):
+def test_a_registered_version_carries_its_drift_reference(
+    churn_csv, tmp_path, register_without_search
+):
     from training import registry
     from training.data import load_splits
 
