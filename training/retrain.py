@@ -110,40 +110,45 @@ def retrain_data(spec: Spec, data: Path, mode: Mode, state_dir: Path) -> Retrain
 
 def _split_appended(frame: pd.DataFrame, n_old: int, spec: Spec, where: str) -> Splits:
     """Train/valid/test of old + new rows with the test (holdout) rows from the new ones."""
-    from sklearn.model_selection import train_test_split
-
     X, y, schema = prepare(frame, spec.data, spec.task)  # drops rows without a target
     is_new = X.index >= n_old
-    classification = spec.task == "classification"
     X_new, y_new = X[is_new], y[is_new]
-    try:
-        X_keep, X_test, y_keep, y_test = train_test_split(
-            X_new,
-            y_new,
-            test_size=spec.data.test_fraction,
-            random_state=spec.data.seed,
-            stratify=y_new if classification else None,
-        )
-    except ValueError as exc:
-        raise DataError(
-            f"{where}: cannot draw the holdout (data.test_fraction) from its "
-            f"{len(X_new)} rows: {exc}"
-        ) from None
+    X_keep, X_test, y_keep, y_test = _cut(
+        X_new,
+        y_new,
+        spec.data.test_fraction,
+        spec,
+        f"{where}: cannot draw the holdout (data.test_fraction) from its {len(X_new)} rows",
+    )
     X_rest = pd.concat([X[~is_new], X_keep])
     y_rest = pd.concat([y[~is_new], y_keep])
-    try:
-        X_train, X_valid, y_train, y_valid = train_test_split(
-            X_rest,
-            y_rest,
-            test_size=spec.data.valid_fraction,
-            random_state=spec.data.seed,
-            stratify=y_rest if classification else None,
-        )
-    except ValueError as exc:
-        raise DataError(f"data.valid_fraction: cannot split {len(X_rest)} rows: {exc}") from None
+    X_train, X_valid, y_train, y_valid = _cut(
+        X_rest,
+        y_rest,
+        spec.data.valid_fraction,
+        spec,
+        f"data.valid_fraction: cannot split {len(X_rest)} rows",
+    )
     return assemble_splits(
         (X_train, y_train), (X_valid, y_valid), (X_test, y_test), schema, content_hash(frame)
     )
+
+
+def _cut(X: pd.DataFrame, y: pd.Series, fraction: float, spec: Spec, what: str) -> list:
+    """``train_test_split`` of ``fraction`` (stratified for classification); a split it
+    cannot make is a DataError that starts with ``what``."""
+    from sklearn.model_selection import train_test_split
+
+    try:
+        return train_test_split(
+            X,
+            y,
+            test_size=fraction,
+            random_state=spec.data.seed,
+            stratify=y if spec.task == "classification" else None,
+        )
+    except ValueError as exc:
+        raise DataError(f"{what}: {exc}") from None
 
 
 def _write(frame: pd.DataFrame, folder: Path, name: str, sha: str) -> Path:
