@@ -18,20 +18,9 @@ from pathlib import Path
 import httpx
 import pandas as pd
 import pytest
+from cli_runner import rayship
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def rayship(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 @pytest.fixture(scope="module")

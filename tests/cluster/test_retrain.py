@@ -24,24 +24,11 @@ import httpx
 import pandas as pd
 import pytest
 import yaml
+from cli_runner import rayship
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
 from specs import make_churn  # noqa: E402
-
-
-def rayship(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """The CLI as a user runs it, importing this checkout's code."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
-    return subprocess.run(
-        [sys.executable, "-m", "cluster.cli", *args],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def spec_dict(source: Path, **overrides) -> dict:

@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 from served import ray_with_metrics, rows_of
 
@@ -39,15 +38,11 @@ queries = _load(ROOT / "tests" / "manifests" / "monitoring_queries.py")
 
 
 @pytest.fixture(scope="module")
-def model(tmp_path_factory) -> tuple[str, object]:
+def model(tmp_path_factory, register_without_search) -> tuple[str, object]:
     """``churn-dashboard`` version 1 (production) with its drift reference, in a store of
     its own; returns the tracking URI and the holdout rows."""
-    from training import export, registry
-    from training.data import load_splits, profile
-    from training.models import make_estimator
-    from training.pipeline import drift_reference
-    from training.preprocess import fit_preprocessor
-    from training.spec import parse_spec, spec_to_yaml
+    from training import registry
+    from training.spec import parse_spec
 
     tmp = tmp_path_factory.mktemp("dashboard")
     csv = tmp / "churn.csv"
@@ -62,36 +57,9 @@ def model(tmp_path_factory) -> tuple[str, object]:
             "monitor": {"window": 200},
         }
     )
-    splits = load_splits(spec.data, spec.task)
-    schema = splits.schema
-    pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
-    feats = pre.transform(splits.X_train)
-    y = np.array([schema.classes.index(c) for c in splits.y_train])
-    est = make_estimator("sklearn.linear_model.LogisticRegression", {"max_iter": 500}, 0)
-    onnx_bytes = export.assemble(
-        pre, export.sklearn_model_graph(est.fit(feats, y), feats.shape[1], spec.task), schema
-    )
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    run_id, source = registry.log_winner(
-        uri,
-        NAME,
-        onnx_bytes=onnx_bytes,
-        files={
-            "schema.json": schema.to_dict(),
-            "metrics.json": {"accuracy": 0.0},
-            "profile.json": profile(splits.X_train, schema),
-            "spec.yaml": spec_to_yaml(spec),
-            "drift.json": drift_reference(spec, splits, onnx_bytes),
-        },
-        params={},
-        metrics={},
-        tags={"rayship.test": "dashboard"},
-    )
-    version = registry.register_version(
-        uri, NAME, source, run_id, tags={"onnx_sha256": registry.sha256(onnx_bytes)}
-    )
-    registry.set_alias(uri, NAME, registry.PRODUCTION, version)
-    return uri, splits.X_test
+    outcome = register_without_search(spec, tmp, production=True)
+    assert outcome.version == "1"
+    return registry.tracking_uri(tmp), outcome.splits.X_test
 
 
 def _missing(used: dict[str, set[str]], exported: dict[str, dict[str, set[str]]]) -> list[str]:
