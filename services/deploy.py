@@ -59,8 +59,10 @@ def deploy(
     a clear error, if it runs on another address), hands the config to Serve's
     controller, then waits until every model answers ``GET /v1/models/{route}`` with
     the versions in ``expect`` (route → (production version, canary version or None);
-    default: any version). A failed deploy raises :class:`DeployError` with Serve's
-    message. Ray must be initialised by the caller (``ray.init()`` otherwise).
+    default: any version) and Serve has updated every replica (:func:`wait_updated`:
+    one replica answering with the new version is not all of them). A failed deploy
+    raises :class:`DeployError` with Serve's message. Ray must be initialised by the
+    caller (``ray.init()`` otherwise).
     """
     import ray
     from ray.serve._private.api import serve_start
@@ -85,6 +87,7 @@ def deploy(
             versions = (expect or {}).get(entry["route"])
             left = max(1.0, deadline - time.monotonic())
             wait_ready(url, entry["route"], versions, timeout=left, refs=refs)
+        wait_updated(timeout=max(1.0, deadline - time.monotonic()))
     except DeployError as exc:
         if previous is not None and previous != config and _is_update_of(previous, config):
             client.deploy_apps(ServeDeploySchema.model_validate(previous))
@@ -198,6 +201,24 @@ def wait_ready(
         _raise_if_failed()
         time.sleep(0.2)
     raise DeployError(f"{route} at {url} not ready after {timeout:.0f} s (last: {last})")
+
+
+def wait_updated(timeout: float = READY_TIMEOUT_S) -> None:
+    """Wait until no deployment of the endpoint is ``UPDATING``: Serve has brought every
+    replica to the new config (a ``user_config`` change reconfigures them one by one)."""
+    from ray import serve
+
+    deadline = time.monotonic() + timeout
+    status = "no status"
+    while time.monotonic() < deadline:
+        _raise_if_failed()
+        app = serve.status().applications.get(APP_NAME)
+        states = {n: str(d.status) for n, d in (app.deployments if app else {}).items()}
+        if states and not any(s.endswith("UPDATING") for s in states.values()):
+            return
+        status = ", ".join(f"{n} {s}" for n, s in states.items()) or "no deployment"
+        time.sleep(0.1)
+    raise DeployError(f"the endpoint's replicas not updated after {timeout:.0f} s ({status})")
 
 
 def _raise_if_failed() -> None:
