@@ -342,3 +342,17 @@ def reachable(
     if not _direction_allows(policies, ns, source, "Egress", target, port):
         return False
     return target is None or _direction_allows(policies, ns, target, "Ingress", source, port)
+
+
+def parse_cli(argv: list[str]):
+    """Resolve and parse a `rayship ...` command line (a container's command) with the
+    real app, as the CLI would; no command runs. Raises click's UsageError."""
+    import typer
+
+    from cluster.cli import app
+
+    group = typer.main.get_command(app)
+    ctx = group.make_context("rayship", list(argv[1:]), resilient_parsing=False)
+    args = [*ctx._protected_args, *ctx.args]
+    name, command, rest = group.resolve_command(ctx, args)
+    return command.make_context(name, rest, parent=ctx)

@@ -14,9 +14,8 @@ from pathlib import Path
 
 import click
 import pytest
-import typer
 import yaml
-from k8s_checks import CRDS, names_ok, policy_violations, schema_errors
+from k8s_checks import CRDS, names_ok, parse_cli, policy_violations, schema_errors
 from typer.testing import CliRunner
 
 from cluster import k8s
@@ -300,17 +299,6 @@ def _usage_errors() -> tuple[type[Exception], ...]:
     return (*errors, UsageError)
 
 
-def _parse_cli(argv: list[str]):
-    """Resolve and parse a `rayship ...` command line with the real app (no callback runs)."""
-    from cluster.cli import app
-
-    group = typer.main.get_command(app)
-    ctx = group.make_context("rayship", list(argv[1:]), resilient_parsing=False)
-    args = [*ctx._protected_args, *ctx.args]
-    name, command, rest = group.resolve_command(ctx, args)
-    return command.make_context(name, rest, parent=ctx)
-
-
 @pytest.mark.parametrize("case", CASES)
 def test_rayjob_runs_rayship_tune_on_the_mounted_spec(built, case):
     objects = built[case]
@@ -319,7 +307,7 @@ def test_rayjob_runs_rayship_tune_on_the_mounted_spec(built, case):
     assert argv[0] == "rayship"
     scripts = yaml.safe_load(json.dumps(_pyproject_scripts()))
     assert scripts["rayship"] == "cluster.cli:app"
-    ctx = _parse_cli(argv)
+    ctx = parse_cli(argv)
     assert ctx.info_name == "tune"
     spec_path = Path(ctx.params["spec_path"])
 
@@ -338,9 +326,9 @@ def test_rayjob_runs_rayship_tune_on_the_mounted_spec(built, case):
 
 def test_a_bad_entrypoint_does_not_parse():
     with pytest.raises(_usage_errors()):
-        _parse_cli(["rayship", "tune"])  # no SPEC
+        parse_cli(["rayship", "tune"])  # no SPEC
     with pytest.raises(_usage_errors()):
-        _parse_cli(["rayship", "tunes", "spec.yaml"])
+        parse_cli(["rayship", "tunes", "spec.yaml"])
 
 
 def _pyproject_scripts() -> dict[str, str]:

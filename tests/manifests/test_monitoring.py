@@ -15,9 +15,8 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import typer
 import yaml
-from k8s_checks import names_ok, policy_violations, reachable, schema_errors
+from k8s_checks import names_ok, parse_cli, policy_violations, reachable, schema_errors
 from monitoring_queries import (
     DRIFT_GAUGES,
     EXPORTED,
@@ -153,16 +152,6 @@ def _expand(text: str, env: dict[str, str]) -> str:
     return re.sub(r"\$\((\w+)\)", lambda m: env.get(m[1], m[0]), text)
 
 
-def _parse_cli(argv: list[str]):
-    from cluster.cli import app
-
-    group = typer.main.get_command(app)
-    ctx = group.make_context("rayship", list(argv[1:]), resilient_parsing=False)
-    args = [*ctx._protected_args, *ctx.args]
-    name, command, rest = group.resolve_command(ctx, args)
-    return command.make_context(name, rest, parent=ctx)
-
-
 def test_cronjob_runs_rayship_retrain_if_drifted_on_the_deployed_spec(deployed, tmp_path):
     """The container's command, expanded as the kubelet does and with its volumes where
     they are mounted, is `rayship retrain SPEC --data FILE --if-drifted --kubernetes`
@@ -202,7 +191,7 @@ def test_cronjob_runs_rayship_retrain_if_drifted_on_the_deployed_spec(deployed, 
                 return str(folder / arg[len(path) + 1 :])
         return arg
 
-    ctx = _parse_cli([here(a) for a in argv])
+    ctx = parse_cli([here(a) for a in argv])
     assert ctx.info_name == "retrain"
     assert ctx.params["if_drifted"] and ctx.params["kubernetes"]
     assert ctx.params["namespace"] == NS
