@@ -35,10 +35,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,37 +57,60 @@ FAMILIES = {
 }
 
 
-def _sleep_trial(config: dict[str, Any]) -> None:
-    import os
-    import tempfile as tf
-
+def sleep_trial(config: dict[str, Any]) -> None:
+    """A trial of known length: sleep ``length_s``, then report once with a checkpoint
+    (and when it started and ended, and on which node)."""
+    import ray
     from ray import tune
 
     started = time.time()
-    time.sleep(1.0)
-    with tf.TemporaryDirectory() as tmp:
+    time.sleep(config["length_s"])
+    with tempfile.TemporaryDirectory() as tmp:
         with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump(config, f)
-        metrics = {"score": config["x"], "started": started, "ended": time.time()}
+            json.dump({"x": config["x"]}, f)
+        metrics = {
+            "score": config["x"],
+            "node": ray.get_runtime_context().get_node_id(),
+            "started": started,
+            "ended": time.time(),
+        }
         tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(tmp))
 
 
-def bookkeeping(n: int, reuse: bool, state: Path) -> dict[str, Any]:
+def _driver_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass
+class SleepSearch:
+    grid: Any  # Tune's ResultGrid
+    wall_s: float
+    started: float  # time.time() at fit()
+    driver_cpu_s: float  # CPU of this process (the Tune driver) during fit()
+
+
+def sleep_search(
+    n: int, length_s: float, concurrency: int, reuse: bool, state: Path, name: str
+) -> SleepSearch:
+    """``n`` sleeping trials run by Tune with rayship's settings: ``reuse_actors``, a CPU
+    a trial, its MLflow callback and JSON/CSV loggers, a checkpoint a report."""
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from training.tracking import MLflowTrials
 
-    cores = benchlib.cores()
     tuner = tune.Tuner(
-        tune.with_resources(_sleep_trial, {"CPU": 1}),
-        param_space={"x": tune.uniform(0, 1)},
-        tune_config=tune.TuneConfig(num_samples=n, max_concurrent_trials=cores, reuse_actors=reuse),
+        tune.with_resources(sleep_trial, {"CPU": 1}),
+        param_space={"x": tune.uniform(0, 1), "length_s": length_s},
+        tune_config=tune.TuneConfig(
+            num_samples=n, max_concurrent_trials=concurrency, reuse_actors=reuse
+        ),
         run_config=tune.RunConfig(
-            name=f"sleep-{reuse}",
+            name=name,
             storage_path=str(state / "searches"),
             callbacks=[
-                MLflowTrials(f"sqlite:///{state}/mlflow.db", "overhead"),
+                MLflowTrials(f"sqlite:///{state}/mlflow.db", name),
                 JsonLoggerCallback(),
                 CSVLoggerCallback(),
             ],
@@ -93,10 +118,17 @@ def bookkeeping(n: int, reuse: bool, state: Path) -> dict[str, Any]:
             verbose=0,
         ),
     )
-    t0, epoch0 = time.monotonic(), time.time()
+    cpu0, t0, started = _driver_cpu_s(), time.monotonic(), time.time()
     grid = tuner.fit()
-    wall = time.monotonic() - t0
+    wall, driver_cpu = time.monotonic() - t0, _driver_cpu_s() - cpu0
     assert not grid.errors, grid.errors
+    return SleepSearch(grid, wall, started, driver_cpu)
+
+
+def bookkeeping(n: int, reuse: bool, state: Path) -> dict[str, Any]:
+    cores = benchlib.cores()
+    run = sleep_search(n, 1.0, cores, reuse, state, f"sleep-{reuse}")
+    grid, wall, epoch0 = run.grid, run.wall_s, run.started
     minimum = n * 1.0 / cores
     pids = {r.metrics["pid"] for r in grid}
     # Between trials on one actor: Tune's bookkeeping of a finished trial and the start

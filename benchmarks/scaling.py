@@ -29,8 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import sys
 import tempfile
 import time
@@ -39,65 +37,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks import benchlib  # noqa: E402
-
-
-def _sleep_trial(config: dict[str, Any]) -> None:
-    import ray
-    from ray import tune
-
-    started = time.time()
-    time.sleep(config["length_s"])
-    with tempfile.TemporaryDirectory() as tmp:
-        with open(os.path.join(tmp, "state.json"), "w") as f:
-            json.dump({"x": config["x"]}, f)
-        tune.report(
-            {
-                "score": config["x"],
-                "node": ray.get_runtime_context().get_node_id(),
-                "started": started,
-                "ended": time.time(),
-            },
-            checkpoint=tune.Checkpoint.from_directory(tmp),
-        )
-
-
-def _driver_cpu_s() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
+from benchmarks import benchlib, overhead  # noqa: E402
 
 
 def search(n_trials: int, length_s: float, state: Path) -> dict[str, Any]:
     """One search of ``n_trials`` sleeping trials on the connected cluster."""
     import ray
-    from ray import tune
-    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
-
-    from training.tracking import MLflowTrials
 
     slots = int(ray.cluster_resources()["CPU"])
-    tuner = tune.Tuner(
-        tune.with_resources(_sleep_trial, {"CPU": 1}),
-        param_space={"x": tune.uniform(0, 1), "length_s": length_s},
-        tune_config=tune.TuneConfig(
-            num_samples=n_trials, max_concurrent_trials=slots, reuse_actors=True
-        ),
-        run_config=tune.RunConfig(
-            name="scaling",
-            storage_path=str(state / "searches"),
-            callbacks=[
-                MLflowTrials(f"sqlite:///{state}/mlflow.db", "scaling"),
-                JsonLoggerCallback(),
-                CSVLoggerCallback(),
-            ],
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-            verbose=0,
-        ),
-    )
-    cpu0, t0, epoch0 = _driver_cpu_s(), time.monotonic(), time.time()
-    grid = tuner.fit()
-    wall, driver_cpu = time.monotonic() - t0, _driver_cpu_s() - cpu0
-    assert not grid.errors, grid.errors
+    run = overhead.sleep_search(n_trials, length_s, slots, True, state, "scaling")
+    grid, wall, epoch0, driver_cpu = run.grid, run.wall_s, run.started, run.driver_cpu_s
     per_node: dict[str, int] = {}
     for r in grid:
         per_node[r.metrics["node"]] = per_node.get(r.metrics["node"], 0) + 1
