@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -33,7 +34,9 @@ class SpecError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # NaN and ±inf are refused in every float field (YAML's .nan / .inf): no setting means
+    # "unbounded" or "unset" by them (null does), and a NaN compares false to everything.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class Choice(_Strict):
@@ -77,13 +80,53 @@ Distribution = Choice | Range
 SpaceValue = Distribution | bool | int | float | str | list[Any] | None
 
 
-def _check_bounds(space: dict[str, SpaceValue]) -> dict[str, SpaceValue]:
+def _check_bounds(space: dict[str, SpaceValue], prefix: str = "") -> dict[str, SpaceValue]:
+    """Every range's low < high; errors name ``prefix`` + the key (``space.`` where the
+    validator's own location is the model, not its space)."""
     for key, value in space.items():
         if isinstance(value, Range) and not value.bounds[0] < value.bounds[1]:
             raise ValueError(
-                f"{key}: lower bound must be below upper bound, got {list(value.bounds)}"
+                f"{prefix}{key}: lower bound must be below upper bound, got {list(value.bounds)}"
             )
     return space
+
+
+def _trial_values(value: SpaceValue) -> list[Any]:
+    """Values standing for what a trial can get from a space value: a constant itself,
+    every choice, and a range's extremes (a randint's upper bound is exclusive in Tune;
+    a float range's ends are nudged inward, as Tune samples inside them)."""
+    if isinstance(value, Choice):
+        return list(value.choice)
+    if isinstance(value, RandInt):
+        low, high = value.randint
+        return [low, high - 1]
+    if isinstance(value, Uniform | LogUniform):
+        low, high = value.bounds
+        return [math.nextafter(low, high), math.nextafter(high, low)]
+    return [value]
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _count(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+# What each torch_mlp parameter takes (training.torch_train), checked on every value a
+# trial can get so that a bad one is refused here rather than in a trial on Ray.
+TORCH_PARAM_CHECKS: dict[str, tuple[Any, str]] = {
+    "hidden_layers": (
+        lambda v: isinstance(v, list) and all(_count(h) for h in v),
+        "a list of layer widths (integers >= 1)",
+    ),
+    "lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "dropout": (lambda v: _number(v) and 0 <= v < 1, "a number from 0 up to (not including) 1"),
+    "batch_size": (_count, "an integer >= 1"),
+    "epochs": (_count, "an integer >= 1"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+}
 
 
 class DataSpec(_Strict):
@@ -130,7 +173,13 @@ class TorchMLPSpec(_Strict):
             raise ValueError(
                 f"unknown torch_mlp parameter(s) {unknown}; allowed: {list(TORCH_MLP_PARAMS)}"
             )
-        return _check_bounds(v)
+        _check_bounds(v)
+        for key, value in v.items():
+            check, expected = TORCH_PARAM_CHECKS[key]
+            for x in _trial_values(value):
+                if not check(x):
+                    raise ValueError(f"{key}: expected {expected}, got {x!r}")
+        return v
 
 
 class SklearnSpec(_Strict):
@@ -155,7 +204,8 @@ class SklearnSpec(_Strict):
             raise ValueError(
                 f"space: {self.estimator} has no parameter(s) {unknown}; allowed: {sorted(allowed)}"
             )
-        _check_bounds(self.space)
+        _check_bounds(self.space, "space.")
+        _check_sklearn_values(self.estimator, self.space)
         return self
 
 
@@ -277,13 +327,30 @@ def resolve_estimator(path: str) -> type:
         )
     try:
         cls = getattr(importlib.import_module(module_name), class_name)
-    except (ImportError, AttributeError) as exc:
+    except Exception as exc:  # not there, or a module that fails on import (any error)
         raise ValueError(f"{path!r} does not exist in scikit-learn") from exc
     from sklearn.base import BaseEstimator
 
     if not (inspect.isclass(cls) and issubclass(cls, BaseEstimator)):
         raise ValueError(f"{path!r} is not a scikit-learn estimator class")
     return cls
+
+
+def _check_sklearn_values(path: str, space: dict[str, SpaceValue]) -> None:
+    """Every value a trial can get (see ``_trial_values``), checked by scikit-learn's own
+    parameter validation: the error ``fit`` would raise in a trial on Ray, raised here
+    instead. Uses the estimator's ``_validate_params`` (scikit-learn >= 1.2; private, but
+    it is the one place the constraints live); an estimator without constraints is not
+    checked."""
+    cls = resolve_estimator(path)
+    if getattr(cls, "_parameter_constraints", None) is None:
+        return
+    for key, value in space.items():
+        for x in _trial_values(value):
+            try:
+                cls(**{key: x})._validate_params()
+            except Exception as exc:  # InvalidParameterError: a ValueError and a TypeError
+                raise ValueError(f"space.{key}: {exc}") from None
 
 
 def instantiate(path: str, params: dict[str, Any] | None = None):
@@ -335,6 +402,11 @@ def _format_errors(exc: ValidationError) -> list[str]:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            # models.N: the discriminator itself is the bad key
+            loc.append(err["ctx"]["discriminator"].strip("'"))
+            got = "missing" if err["type"] == "union_tag_not_found" else repr(err["ctx"]["tag"])
+            msg = f"expected one of {', '.join(sorted(MODEL_TYPES))}, got {got}"
         if "space" in loc[:-1] and len(loc) > loc.index("space") + 1:
             group = ".".join(loc[: loc.index("space") + 2])  # models.N.space.KEY
         else:
@@ -404,18 +476,49 @@ def load_spec(path: str | Path) -> Spec:
     kustomize or compose files), so a spec runs from any working directory.
     """
     try:
-        text = Path(path).read_text()
+        text = Path(path).read_text(encoding="utf-8")
     except OSError as exc:
         raise SpecError([f"spec: cannot read {path}: {exc.strerror}"]) from None
+    except UnicodeDecodeError as exc:
+        problem = f"spec: {path} is not UTF-8 text ({exc.reason} at byte {exc.start})"
+        raise SpecError([problem]) from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_SpecLoader)
     except yaml.YAMLError as exc:
-        raise SpecError([f"spec: not valid YAML: {exc}"]) from None
+        raise SpecError([f"spec: not valid YAML: {_yaml_problem(exc)}"]) from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise SpecError(["spec: not valid YAML: nested too deeply"]) from None
     if isinstance(raw, dict) and isinstance(raw.get("data"), dict):
         source = raw["data"].get("source")
         if isinstance(source, str) and _is_relative_path(source):
             raw["data"]["source"] = str((Path(path).parent / source).resolve())
     return parse_spec(raw)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """PyYAML's complaint on one line, with where it is (its own text spans five)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
+
+
+class _SpecLoader(yaml.SafeLoader):
+    """``yaml.safe_load``'s loader, refusing a key given twice in one mapping (plain
+    YAML keeps the last one silently: a second ``search:`` would drop the first)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set[str] = set()
+        for key_node, _ in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                if key_node.value in seen:
+                    raise yaml.constructor.ConstructorError(
+                        "while reading a mapping",
+                        node.start_mark,
+                        f"found the key {key_node.value!r} twice",
+                        key_node.start_mark,
+                    )
+                seen.add(key_node.value)
+        return super().construct_mapping(node, deep=deep)
 
 
 def spec_to_yaml(spec: Spec) -> str:
