@@ -36,11 +36,38 @@ def dumps(value: Any) -> bytes:
 
 def loads(body: bytes) -> Any:
     """Parse JSON: orjson, then the standard library for what orjson refuses (NaN,
-    Infinity). Raises ValueError for invalid JSON, RecursionError for absurd nesting."""
+    Infinity, integers beyond 64 bits). Raises ValueError for invalid JSON and for a lone
+    UTF-16 surrogate escape (``"\\ud800"``), RecursionError for absurd nesting."""
     try:
         return orjson.loads(body)
     except orjson.JSONDecodeError:
-        return json.loads(body)
+        value = json.loads(body)
+        _refuse_surrogates(value)
+        return value
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _refuse_surrogates(value: Any) -> None:
+    """ValueError when a string (key or value) in ``value`` holds a lone surrogate, which
+    the standard library decodes from a ``\\udXXX`` escape but is no Unicode character:
+    neither onnxruntime (UTF-8 tensors) nor orjson (the answer naming it) can encode one,
+    so it would fail the request, and its batch, as a 500. Iterative (deep nesting)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            found = _SURROGATE.search(item)
+            if found:
+                raise ValueError(
+                    f"a string holds the lone surrogate {found.group()!a}, not a Unicode character"
+                )
+        elif isinstance(item, dict):
+            stack += item.keys()
+            stack += item.values()
+        elif isinstance(item, list):
+            stack += item
 
 
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -173,6 +173,11 @@ def parse_infer(body: bytes, header_length: str | None) -> InferRequest:
                 )
             outputs.append(out["name"])
             out_params = out.get("parameters") or {}
+            if not isinstance(out_params, dict):
+                raise BadInput(
+                    f"outputs[{j}].parameters: expected an object",
+                    [problem(f"outputs[{j}].parameters", "an object", describe(out_params))],
+                )
             binary[out["name"]] = bool(out_params.get("binary_data", binary_default))
     request_id = payload.get("id")
     return InferRequest(
@@ -209,17 +214,21 @@ def _tensor(i: int, spec: Any, binary: bytes, offset: int) -> tuple[str, np.ndar
             f"{where}.shape: expected a list of non-negative integers, got {describe(shape)}",
             [problem(f"{where}.shape", "a list of non-negative integers", describe(shape))],
         )
-    if datatype != "BYTES" and datatype not in NUMERIC_DATATYPES:
+    if not isinstance(datatype, str) or (datatype != "BYTES" and datatype not in NUMERIC_DATATYPES):
         allowed = ["BYTES", *NUMERIC_DATATYPES]
         raise BadInput(
             f"{where}.datatype: expected one of {allowed}, got {describe(datatype)}",
             [problem(f"{where}.datatype", f"one of {allowed}", describe(datatype))],
         )
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: numpy's product wraps around past int64
     params = spec.get("parameters") or {}
     size = params.get("binary_data_size") if isinstance(params, dict) else None
     if size is not None:
-        if not isinstance(size, int) or size < 0 or offset + size > len(binary):
+        if (
+            not isinstance(size, int)
+            or isinstance(size, bool)
+            or not 0 <= offset + size <= len(binary)
+        ):
             raise BadInput(
                 f"{where}.parameters.binary_data_size: {size!r} does not fit the binary data",
                 [
@@ -240,7 +249,14 @@ def _tensor(i: int, spec: Any, binary: bytes, offset: int) -> tuple[str, np.ndar
                 [problem(f"{where}.data", "a list of values (or binary data)", "no such key")],
             )
         array = _from_json(where, spec["data"], datatype, count)
-    return name, array.reshape(shape), offset
+    try:
+        shaped = array.reshape(shape)
+    except ValueError as exc:  # over 64 dimensions, or a zero-size shape too big to hold
+        raise BadInput(
+            f"{where}.shape: {shape} is not a shape numpy can hold ({exc})",
+            [problem(f"{where}.shape", "at most 64 dimensions of sizes within int64", str(exc))],
+        ) from None
+    return name, shaped, offset
 
 
 def _from_binary(where: str, chunk: bytes, datatype: str, count: int) -> np.ndarray:
@@ -309,17 +325,23 @@ def _from_json(where: str, data: Any, datatype: str, count: int) -> np.ndarray:
 
 
 def _flatten(data: Any) -> list[Any] | None:
-    """Row-major values of a flat or nested list (the protocol allows both)."""
+    """Row-major values of a flat or nested list (the protocol allows both); None when
+    ``data`` is not a list or one of its lists mixes lists and values. Iterative: a
+    nesting as deep as the JSON parser allows (1,024 levels) must not reach Python's
+    recursion limit (it did: a 500)."""
     if not isinstance(data, list):
         return None
-    if not data or not isinstance(data[0], list):
-        return data if not any(isinstance(v, list) for v in data) else None
     out: list[Any] = []
-    for item in data:
-        sub = _flatten(item)
-        if sub is None:
+    stack = [data]
+    while stack:
+        items = stack.pop()
+        lists = sum(isinstance(v, list) for v in items)
+        if not lists:
+            out += items
+        elif lists == len(items):
+            stack.extend(reversed(items))
+        else:
             return None
-        out += sub
     return out
 
 
@@ -372,10 +394,11 @@ def feeds(predictor: OnnxPredictor, tensors: dict[str, np.ndarray]) -> dict[str,
                 )
             with np.errstate(over="ignore"):
                 values = array.astype(np.float32)
-            if np.isinf(values).any() and not np.isinf(array).any():
+            if np.isinf(values).any():  # refused as V1 refuses it: no row means infinity
+                got = "an infinity" if np.isinf(array).any() else "a value outside float32 range"
                 raise BadInput(
-                    f"{column}: a value is outside float32 range",
-                    [problem(column, "numbers within float32 range", "an overflowing value")],
+                    f"{column}: expected finite numbers within float32 range, got {got}",
+                    [problem(column, "finite numbers within float32 range (NaN: missing)", got)],
                 )
             out[name] = values.reshape(-1, 1)
         else:
