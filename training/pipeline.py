@@ -270,6 +270,7 @@ def _search(spec, prep, state_dir, uri, num_samples, resume, callbacks, store) -
         seed=spec.data.seed,
         models=[m.model_dump() for m in spec.models],
         cpus_per_trial=spec.search.cpus_per_trial,
+        max_failures=spec.search.max_failures,
         storage_path=storage_root(state_dir, "train"),
         data_refs={k: ray.put(v) for k, v in prep.arrays.items()},
     )

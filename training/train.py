@@ -13,7 +13,10 @@ trial function leaves nothing behind that the next trial could trip on.
   ``workers >= 2`` the trial drives a Ray Train ``TorchTrainer`` (DDP), whose workers
   report every epoch, forwarded to Tune (:mod:`training.torch_train`). The Train run
   is named after the trial, so a retried or resumed trial continues from its last
-  epoch checkpoint.
+  epoch checkpoint. A Train worker process that dies is Ray Train's to handle: its
+  ``FailureConfig`` (``search.max_failures``) restarts the worker group from the run's
+  last checkpoint within the same trial; only a run that fails more often than that
+  fails the trial, which Tune then retries (up to ``search.max_failures`` again).
 """
 
 from __future__ import annotations
@@ -58,6 +61,7 @@ class TrialContext:
     storage_path: str
     data_refs: dict[str, Any]  # X_train, y_train, X_valid, y_valid: ObjectRefs to arrays
     reports: int = 10  # steps of a growing estimator; run_search sets the search's max_t
+    max_failures: int = 0  # search.max_failures: Ray Train's retries of a DDP run, too
 
 
 GRID_KEY = "trial"  # grid search: one grid_search over whole per-family configs
@@ -217,6 +221,9 @@ def _torch_ddp_trial(model: dict[str, Any], params: dict[str, Any], ctx: TrialCo
             name=f"train-{trial.get_trial_id()}",
             storage_path=ctx.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=1),
+            # A dead worker process fails the whole worker group; Ray Train restarts the
+            # group from the run's last checkpoint, inside this trial (no Tune retry).
+            failure_config=ray.train.FailureConfig(max_failures=ctx.max_failures),
             callbacks=[TuneReportCallback()],
         ),
     )

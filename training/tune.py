@@ -4,8 +4,18 @@ The search space is flat: ``family`` picks the model (``tune.choice`` over the
 spec's families, a grid for the grid algorithm) and ``f{i}`` holds family i's
 space. A searcher samples every family's keys; the trial uses only its own.
 Each trial's params and metrics land in MLflow through Ray's MLflow logger
-callback. A search lives under ``<state>/searches/<name>-<stamp>``; ``resume``
-restores the newest one with :meth:`ray.tune.Tuner.restore`.
+callback. A search lives under ``<state>/searches/<name>-<stamp>`` (the stamp to the
+microsecond, so two searches of one model started in the same second get folders of
+their own); ``resume`` restores the newest one with :meth:`ray.tune.Tuner.restore`.
+
+A resume can only skip what Tune's saved experiment state records as finished. Tune
+saves that state after each trial checkpoint when ``num_to_keep`` is set (rayship
+keeps one per trial, except under PBT) and otherwise every ``TUNE_GLOBAL_CHECKPOINT_S``
+(by default 10 s or more apart). A trial's finish is a status change, not a checkpoint,
+so a driver killed outright (SIGKILL, the OOM killer, its node lost) up to 10 s after a
+trial finished would run that trial again on resume. rayship sets the period to
+``SNAPSHOT_PERIOD_S`` unless the environment sets it; that costs no more than the
+snapshot per checkpoint Tune already takes.
 
 Trials are cheap to start: Tune reuses trial actors (``reuse_actors``; Ray's default
 has been off since 2.10, and a new actor cost 3 s a trial here), and every trial
@@ -28,6 +38,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -259,8 +270,9 @@ def default_concurrency(spec: Spec, cluster_cpus: float) -> int:
 
 
 def latest_search(state_dir: Path, name: str) -> Path | None:
-    """The newest search folder of model ``name`` (``NAME-YYYYmmdd-HHMMSS``)."""
-    pattern = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}")
+    """The newest search folder of model ``name`` (``NAME-YYYYmmdd-HHMMSS-ffffff``, or
+    without the microseconds: searches started before they were added)."""
+    pattern = re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}(-\d{{6}})?")
     runs = sorted(
         p for p in (state_dir / "searches").glob(f"{name}-*") if pattern.fullmatch(p.name)
     )
@@ -287,6 +299,12 @@ def _checkpoints_kept(spec: Spec) -> int | None:
 
 
 NO_AUTO_LOGGERS = "TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"  # run_search passes its own loggers
+SNAPSHOT_PERIOD_S = "1"  # Tune's experiment-state snapshots at least this often (see above)
+
+
+def search_name(spec: Spec) -> str:
+    """A new search's folder name: the model's name and the time to the microsecond."""
+    return f"{spec.name}-{datetime.now().strftime('%Y%m%d-%H%M%S-%f')}"
 
 
 def run_search(
@@ -304,6 +322,7 @@ def run_search(
     ``store_ready``: the MLflow store's creation, if the caller started it in a thread."""
     # Tune warns on every checkpoint of short trials; the snapshots are cheap here.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)
     import ray
     from ray import tune
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
@@ -347,7 +366,7 @@ def run_search(
                 trial_dirname_creator=lambda trial: f"trial-{trial.trial_id}",
             ),
             run_config=tune.RunConfig(
-                name=f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}",
+                name=search_name(spec),
                 storage_path=storage_root(state_dir),
                 failure_config=tune.FailureConfig(max_failures=spec.search.max_failures),
                 checkpoint_config=tune.CheckpointConfig(num_to_keep=_checkpoints_kept(spec)),

@@ -1,6 +1,7 @@
 """How trials run: reused actors, a 1-worker torch trial inside its Tune trial (and
 its resume after its process is killed), scikit-learn estimators grown in steps so
-ASHA stops the weak ones, PBT on torch trials, and the DDP example.
+ASHA stops the weak ones, PBT on torch trials, and the DDP example (and its resume after
+one of its Ray Train worker processes is killed).
 
 One local Ray of 2 CPUs is shared by the module; every search is real (Tune, MLflow
 SQLite store, export and gate).
@@ -11,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import joblib
@@ -179,14 +181,58 @@ def test_pbt_perturbs_torch_trials_and_registers_a_version(ray_local, churn_csv,
         assert rows[-1]["epoch"] == 7  # every trial trained to its last epoch
 
 
-def test_the_ddp_example_trains_with_two_workers_and_registers(ray_local, tmp_path):
+class KillTrainWorker(Callback):
+    """A Tune callback that SIGKILLs one Ray Train worker process of the (only) DDP run
+    when its trial reports epoch ``epoch``, which Ray Train has checkpointed by then."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+        self.workers: list[int] = []
+        self.killed: int | None = None
+        self.killed_at: float | None = None
+        self.next_report_s: float | None = None  # from the kill to the next epoch's report
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        from ray.util.state import list_actors
+
+        if self.killed is None and result.get("epoch") == self.epoch:
+            alive = [("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")]
+            self.workers = sorted(a.pid for a in list_actors(filters=alive))
+            self.killed = self.workers[-1]
+            os.kill(self.killed, signal.SIGKILL)
+            self.killed_at = time.monotonic()
+        elif self.killed_at is not None and self.next_report_s is None:
+            self.next_report_s = time.monotonic() - self.killed_at
+
+
+def failures(experiment_path: str) -> list[int]:
+    """Each trial's failure count in Tune's saved experiment state (Tune retries)."""
+    (state,) = sorted(Path(experiment_path).glob("experiment_state-*.json"))[-1:]
+    return [
+        json.loads(meta)["num_failures"] for _, meta in json.loads(state.read_text())["trial_data"]
+    ]
+
+
+def test_the_ddp_example_resumes_from_its_checkpoint_when_a_train_worker_dies(ray_local, tmp_path):
+    """The DDP example (2 Ray Train workers a trial); one worker process SIGKILLed after
+    epoch 2's checkpoint. Ray Train's FailureConfig (search.max_failures) restarts the
+    worker group from the checkpoint inside the same trial; the search registers."""
     spec = load_spec(ROOT / "examples" / "digits-ddp.yaml")
     (torch_family,) = [m for m in spec.models if m.type == "torch_mlp"]
-    assert torch_family.workers == 2
-    result = search_and_register(spec, state_dir=tmp_path, num_samples=1)
+    assert torch_family.workers == 2 and spec.search.max_failures >= 1
+    kill = KillTrainWorker(epoch=2)
+    result = search_and_register(spec, state_dir=tmp_path, num_samples=1, callbacks=[kill])
+    assert len(kill.workers) == 2 and kill.killed is not None  # both workers were up
     assert result.search.trials == 1 and result.search.errored == 0
     assert result.passed and result.version == "1"
     (rows,) = reports(result.search.experiment_path).values()
     epochs = int(torch_family.space["epochs"])
+    # Every epoch reported once: the new worker group went on from a checkpoint after
+    # epoch 2 (one started at epoch 0 would report epochs 0-2 again) ...
     assert [r["epoch"] for r in rows] == list(range(epochs))
     assert all(r["checkpoint_path"] for r in rows)  # Ray Train's checkpoint of each epoch
+    # ... and Ray Train recovered it, not a Tune retry of the whole trial.
+    assert failures(result.search.experiment_path) == [0]
+    assert len({r["pid"] for r in rows}) == 1
+    assert result.search.best_metrics["epoch"] == epochs - 1
+    print(f"DDP worker killed: next epoch reported {kill.next_report_s:.1f} s later")
