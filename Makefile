@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint bench clean kind-up minikube-up k8s-deploy k8s-down bench-serving
+.PHONY: setup demo test lint bench clean kind-up minikube-up k8s-deploy k8s-down bench-serving bench-soak
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -59,6 +59,13 @@ bench-serving: setup $(BENTO_STAMP)
 	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk) \
 		|| echo "no wrk: the Python load generator of benchmarks/serving_load.py is used"
 	$(BIN)/python benchmarks/serving.py $(ARGS)
+
+# Soak (benchmarks/soak.py): an open-loop constant 70% of the endpoint's measured capacity
+# for 10 minutes with a promote half-way; fails unless nothing was lost and the memory of
+# every Serve process stayed within 10%. ARGS=--quick for a 1-minute smoke run.
+bench-soak: setup
+	command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(BIN)/python benchmarks/soak.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) .rayship
