@@ -28,7 +28,12 @@ Facts about Ray 2.60.0 that shape the code (read from its source, then checked):
   `up()` starts a cluster without auth, as in Ray.
 * `--node-ip-address 127.0.0.1` is rewritten by Ray to the machine's routable IP
   and the GCS listens on all interfaces, so the cluster is reachable from the
-  network: another reason to keep token auth on.
+  network: another reason to keep token auth on. Every Ray gRPC server (GCS,
+  raylets, workers, agents) and the agents' HTTP servers refuse a call without the
+  token; Ray's Prometheus exporters (metrics agent, dashboard, autoscaler) bind to
+  loopback only when the node IP is loopback, and Serve's HAProxy binds its stats and
+  metrics on all interfaces: read-only and unauthenticated (docs/security.md says how
+  to firewall; tests/cluster/test_security.py checks every listener).
 * Several raylets on one IP are fine (each gets its own node id, sockets and
   ports, as `ray.cluster_utils.Cluster` does), but ports with fixed defaults
   collide: the dashboard agent's 52365 and the Ray client server's 10001. Those
