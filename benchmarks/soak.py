@@ -20,15 +20,18 @@ else is the spec's default, the drift monitor included (every request sampled).
    script gives it one: ``delay()`` hands each connection the next slot of one fixed
    schedule (slot *i* at ``T + i / rate``, clock_gettime through LuaJIT's FFI),
    so requests go out at the rate whatever the latency, as long as one of the
-   ``--connections`` is free; how late a slot went out is recorded (a late slot means
-   the endpoint fell behind; it is then sent at once, catching up as wrk2 does).
-   Each request is one row, taken in turn from 64 holdout rows. The soak runs as
-   one wrk process a ``--segment`` (60 s: latency percentiles a minute); segment
-   *k+1*'s wrk connects while segment *k*'s is still sending and takes over at the
-   next slot, and each wrk stops sending at its segment's end and waits 3 s for the
-   answers, so the load never pauses and every request sent is accounted for:
-   answered (2xx or not), a socket error or a timeout, or *lost* (sent, never
-   answered: should be 0). Every response's ``model_version`` is counted, per second.
+   ``--connections`` (256) is free; how late a slot went out is recorded (late: all
+   connections were waiting for answers; the slot is then sent at once, catching up
+   as wrk2 does). Latency is measured from the actual send, so a late slot's wait is
+   not in it: the late counts say how often that happened. Each request is one row,
+   taken in turn from 64 holdout rows. The soak runs as one wrk process a
+   ``--segment`` (60 s: latency percentiles a minute); segment *k+1*'s wrk connects
+   while segment *k*'s is still sending and takes over at the next slot; each wrk
+   stops sending at its segment's end (slots still due then are *unsent*: the load
+   was not held) and waits 5 s for the answers. So the load never pauses and every
+   request sent is accounted for: answered (2xx or not), a socket error or a timeout,
+   or *lost* (no answer within 5 s of the segment's end: should be 0). Every
+   response's ``model_version`` is counted, per second.
 3. **Memory**: every ``--sample-every`` s, psutil reads RSS and USS of every process
    of the cluster's sessions (``.rayship/cluster.json``), classified by Ray's process
    title (the replicas, HAProxy, the HAProxy manager actor, the Serve controller, the
@@ -121,6 +124,27 @@ interval, t_start, t_end, n_slots, slot = 0, 0, 0, 0, 0
 sent, unsent, late, late_max = 0, 0, 0, 0
 statuses, versions, first_seen, last_seen = {}, {}, {}, {}
 ticks = {}
+answered, dumped = 0, -1
+
+-- wrk's thread:get() garbles string keys of a copied table (wrk 4.1): the thread
+-- writes its tables itself, as a STATE line each time a connection goes idle after
+-- the segment with new answers since the last one; the last line has them all.
+local function enc(tbl)
+  local parts = {}
+  for k, v in pairs(tbl) do
+    table.insert(parts, string.format('"%s": %.17g', k, v))
+  end
+  return "{" .. table.concat(parts, ", ") .. "}"
+end
+
+local function dump()
+  if answered == dumped then return end
+  dumped = answered
+  io.write(string.format(
+    'STATE {"statuses": %s, "versions": %s, "first_seen": %s, "last_seen": %s, ' ..
+    '"ticks": %s}\n', enc(statuses), enc(versions), enc(first_seen), enc(last_seen),
+    enc(ticks)))
+end
 
 function init(args)
   local rate = tonumber(args[1])
@@ -134,11 +158,15 @@ function init(args)
 end
 
 function delay()
-  if slot >= n_slots then return 3600000 end  -- this segment is done: stay idle
+  if slot >= n_slots then  -- this segment is done: stay idle
+    dump()
+    return 3600000
+  end
   local t = now()
   if t >= t_end then  -- behind at the segment's end: the slots left are not sent
     unsent = unsent + n_slots - slot
     slot = n_slots
+    dump()
     return 3600000
   end
   local due = t_start + slot * interval
@@ -159,6 +187,7 @@ end
 
 function response(status, headers, body)
   local t = now()
+  answered = answered + 1
   local key = tostring(status)
   statuses[key] = (statuses[key] or 0) + 1
   local v = "error"
@@ -172,14 +201,6 @@ function response(status, headers, body)
   ticks[key] = (ticks[key] or 0) + 1
 end
 
-local function enc(tbl)
-  local parts = {}
-  for k, v in pairs(tbl) do
-    table.insert(parts, string.format('"%s": %.17g', k, v))
-  end
-  return "{" .. table.concat(parts, ", ") .. "}"
-end
-
 function done(summary, latency, requests)
   local t = threads[1]
   local e = summary.errors
@@ -187,15 +208,12 @@ function done(summary, latency, requests)
     'RESULT {"answered": %d, "duration_us": %d, "sent": %d, "unsent": %d, "late": %d, ' ..
     '"late_max_s": %.4f, ' ..
     '"p50_us": %d, "p90_us": %d, "p99_us": %d, "p999_us": %d, "max_us": %d, "mean_us": %.1f, ' ..
-    '"connect": %d, "read": %d, "write": %d, "timeout": %d, "status_errors": %d, ' ..
-    '"statuses": %s, "versions": %s, "first_seen": %s, "last_seen": %s, "ticks": %s}\n',
+    '"connect": %d, "read": %d, "write": %d, "timeout": %d, "status_errors": %d}\n',
     summary.requests, summary.duration, t:get("sent") - 1, t:get("unsent"), t:get("late"),
     t:get("late_max"),
     latency:percentile(50), latency:percentile(90), latency:percentile(99),
     latency:percentile(99.9), latency.max, latency.mean,
-    e.connect, e.read, e.write, e.timeout, e.status,
-    enc(t:get("statuses")), enc(t:get("versions")), enc(t:get("first_seen")),
-    enc(t:get("last_seen")), enc(t:get("ticks"))))
+    e.connect, e.read, e.write, e.timeout, e.status))
 end
 """
 
@@ -399,11 +417,13 @@ def collect(seg: Segment) -> dict[str, Any]:
     assert seg.proc is not None and seg.stdout is not None
     seg.proc.wait()
     text = seg.stdout.read_text(errors="replace")
-    raw = next(
-        (json.loads(line[7:]) for line in text.splitlines() if line.startswith("RESULT ")), None
-    )
+    lines = text.splitlines()
+    raw = next((json.loads(line[7:]) for line in lines if line.startswith("RESULT ")), None)
     if raw is None:
         raise RuntimeError(f"wrk segment {seg.index} gave no result: {text[-800:]}")
+    states = [line for line in lines if line.startswith("STATE ")]
+    empty = {"statuses": {}, "versions": {}, "first_seen": {}, "last_seen": {}, "ticks": {}}
+    raw.update(json.loads(states[-1][6:]) if states else empty)
     socket = raw["connect"] + raw["read"] + raw["write"]
     # A request was sent once request() built it; a connect error comes before that.
     non2xx = sum(n for s, n in raw["statuses"].items() if not 200 <= int(s) < 300)
@@ -482,6 +502,7 @@ class MemorySampler(threading.Thread):
         busy = benchlib.machine_busy_s()
         procs: dict[str, dict[str, float]] = {}
         used = {"cluster": 0.0, "load": 0.0}
+        by_role: dict[str, float] = {}
         cpu: dict[int, float] = {}
         me = os.getpid()
         for proc in psutil.process_iter(["name"]):
@@ -496,6 +517,7 @@ class MemorySampler(threading.Thread):
                 if mine:
                     continue
                 role = classify(" ".join(proc.cmdline()))
+                by_role[role] = by_role.get(role, 0.0) + part
                 if role == "idle Ray workers":
                     continue
                 mem = proc.memory_full_info()
@@ -516,6 +538,7 @@ class MemorySampler(threading.Thread):
                 "cpu_cluster": round(cluster, 3),
                 "cpu_load_generator": round(gen, 3),
                 "cpu_other": round(max(0.0, machine - cluster - gen), 3),
+                "cpu_by_role": {k: round(v / span, 3) for k, v in by_role.items() if v > 0},
                 "procs": procs,
             }
         )
