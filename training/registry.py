@@ -10,6 +10,7 @@ The embedded default store is SQLite under ``<state>/`` with artifacts beside it
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -48,15 +49,41 @@ def tracking_uri(state_dir: Path = Path(".rayship")) -> str:
     return f"sqlite:///{state_dir / 'mlflow.db'}"
 
 
+_stores_ready: set[str] = set()  # SQLite stores this process has opened (see client)
+
+
 def client(uri: str):
+    """An MlflowClient for tracking and registry at ``uri``.
+
+    MLflow creates a new SQLite store's tables and runs its migrations when a process
+    first opens it, with no lock: two ``rayship tune`` started together on a new store
+    failed with "duplicate column name" (both migrating), and a process opening the
+    store mid-migration would see tables that exist and skip to a half-migrated schema.
+    So each process opens a SQLite store first under an exclusive lock on
+    ``<db>.lock`` beside it."""
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
     from mlflow import MlflowClient
 
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    if not uri.startswith("sqlite:///") or uri in _stores_ready:
+        return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    db = Path(uri.removeprefix("sqlite:///"))
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(f"{db}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        c = MlflowClient(tracking_uri=uri, registry_uri=uri)
+        c.search_experiments(max_results=1)  # the tracking store is open (and migrated)
+        c.search_registered_models(max_results=1)  # and so is the registry store
+    _stores_ready.add(uri)
+    return c
 
 
 def ensure_experiment(uri: str, name: str) -> str:
-    """The experiment's id, creating it with artifacts beside a SQLite store when local."""
+    """The experiment's id, creating it with artifacts beside a SQLite store when local.
+
+    Two searches of one model started together both find no experiment; the one whose
+    create loses the race takes the winner's."""
+    from mlflow.exceptions import MlflowException
+
     c = client(uri)
     exp = c.get_experiment_by_name(name)
     if exp is not None:
@@ -64,7 +91,18 @@ def ensure_experiment(uri: str, name: str) -> str:
     location = None
     if uri.startswith("sqlite:///"):
         location = (Path(uri.removeprefix("sqlite:///")).parent / "artifacts").as_uri()
-    return c.create_experiment(name, artifact_location=location)
+    try:
+        return c.create_experiment(name, artifact_location=location)
+    except MlflowException as exc:
+        exp = c.get_experiment_by_name(name)
+        if exp is None or not _already_exists(exc):
+            raise
+        return exp.experiment_id
+
+
+def _already_exists(exc: Exception) -> bool:
+    text = str(exc)
+    return "already exists" in text.lower() or "RESOURCE_ALREADY_EXISTS" in text
 
 
 def sha256(data: bytes) -> str:
@@ -112,14 +150,21 @@ def log_winner(
 
 
 def register_version(uri: str, name: str, source: str, run_id: str, tags: dict[str, str]) -> str:
-    """Create a new version of ``name`` from a logged ``model/`` folder; returns its number."""
+    """Create a new version of ``name`` from a logged ``model/`` folder; returns its number.
+
+    The artifacts are complete before this is called (:func:`log_winner`), and
+    ``create_model_version`` returns only once MLflow has the version READY (it waits up
+    to 300 s), so an alias set afterwards never names a missing or half-made version.
+    Two searches registering at once get consecutive numbers (MLflow's SQL store takes
+    max + 1 and retries on a clash); the ``candidate`` alias ends on whichever set it
+    last."""
     from mlflow.exceptions import MlflowException
 
     c = client(uri)
     try:
         c.create_registered_model(name)
     except MlflowException as exc:
-        if "already exists" not in str(exc).lower() and "RESOURCE_ALREADY_EXISTS" not in str(exc):
+        if not _already_exists(exc):
             raise
     mv = c.create_model_version(name, source=source, run_id=run_id, tags=tags)
     return str(mv.version)
@@ -155,9 +200,7 @@ def load_artifact(uri: str, name: str, ref: str = PRODUCTION) -> ModelArtifact:
             )
         )
         onnx_bytes = (local / "model.onnx").read_bytes()
-        expected = mv.tags.get("onnx_sha256")
-        if not expected or sha256(onnx_bytes) != expected:
-            raise RegistryError(f"{name} version {mv.version}: model.onnx fails its sha256 check")
+        verify_checksum(name, str(mv.version), onnx_bytes, mv.tags.get("onnx_sha256"))
 
         def read(filename: str) -> dict[str, Any]:
             return json.loads((local / filename).read_text())
@@ -171,6 +214,23 @@ def load_artifact(uri: str, name: str, ref: str = PRODUCTION) -> ModelArtifact:
             profile=read("profile.json"),
             spec_yaml=(local / "spec.yaml").read_text() if (local / "spec.yaml").exists() else "",
             drift=read("drift.json") if (local / "drift.json").exists() else None,
+        )
+
+
+def verify_checksum(name: str, version: str, onnx_bytes: bytes, expected: str | None) -> None:
+    """Raise RegistryError unless ``onnx_bytes`` hash to the version's ``onnx_sha256``
+    tag; the message names both digests, so an operator can tell a corrupted file (the
+    actual digest changed) from a wrong tag."""
+    actual = sha256(onnx_bytes)
+    if not expected:
+        raise RegistryError(
+            f"{name} version {version}: model.onnx fails its sha256 check: the version has "
+            f"no onnx_sha256 tag (actual sha256 {actual})"
+        )
+    if actual != expected:
+        raise RegistryError(
+            f"{name} version {version}: model.onnx fails its sha256 check: "
+            f"expected sha256 {expected} (its onnx_sha256 tag), actual sha256 {actual}"
         )
 
 
