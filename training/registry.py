@@ -68,11 +68,19 @@ def client(uri: str):
         return MlflowClient(tracking_uri=uri, registry_uri=uri)
     db = Path(uri.removeprefix("sqlite:///"))
     db.parent.mkdir(parents=True, exist_ok=True)
-    with open(f"{db}.lock", "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+    try:
+        lock = open(f"{db}.lock", "a")  # noqa: SIM115 (held across the block below)
+    except OSError:  # a state folder this process cannot write to: open it unlocked
+        lock = None
+    try:
+        if lock is not None:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
         c = MlflowClient(tracking_uri=uri, registry_uri=uri)
         c.search_experiments(max_results=1)  # the tracking store is open (and migrated)
         c.search_registered_models(max_results=1)  # and so is the registry store
+    finally:
+        if lock is not None:
+            lock.close()
     _stores_ready.add(uri)
     return c
 
