@@ -17,6 +17,10 @@ Open Inference Protocol (V2, :mod:`services.v2`)
   ``GET /v2``, ``GET /v2/health/live``, ``GET /v2/health/ready``,
   ``GET /v2/models/{name}[/versions/{v}]``, ``GET /v2/models/{name}[/versions/{v}]/ready``,
   ``POST /v2/models/{name}[/versions/{v}]/infer``.
+OpenAPI
+  ``GET /openapi.json`` — an OpenAPI 3.0.3 document of the routes above, with each served
+  model's own predict and infer bodies (its features and their types) at its concrete
+  paths (:mod:`services.openapi`), for client generators and fuzzers.
 
 The deployment takes every request in ``__call__`` and dispatches it through the route
 table of :mod:`services.http` (no FastAPI: its routing cost a sixth of a request, see
@@ -58,9 +62,10 @@ sampled per request; slot codes and the push to the model's merger actor happen 
 background task, never on the request path.
 
 Replicas import only this module, :mod:`services.http`, :mod:`services.predictor`,
-:mod:`services.v1`, :mod:`services.v2`, :mod:`services.metrics`, :mod:`services.monitor`
-(onnxruntime, numpy, orjson, Starlette, Ray), :mod:`training.registry` (the MLflow client)
-and :mod:`training.drift` — never torch or scikit-learn.
+:mod:`services.v1`, :mod:`services.v2`, :mod:`services.openapi`, :mod:`services.metrics`,
+:mod:`services.monitor` (onnxruntime, numpy, orjson, Starlette, Ray),
+:mod:`training.registry` (the MLflow client) and :mod:`training.drift` — never torch or
+scikit-learn.
 """
 
 from __future__ import annotations
@@ -78,7 +83,7 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import Response
 
-from services import v2
+from services import openapi, v2
 from services.http import (
     BodyTooLarge,
     Routes,
@@ -121,6 +126,7 @@ ROUTES = Routes(
         ("GET", "/v2/models/{name}/versions/{version}", "v2_metadata"),
         ("GET", "/v2/models/{name}/versions/{version}/ready", "v2_ready"),
         ("POST", "/v2/models/{name}/versions/{version}/infer", "v2_infer"),
+        ("GET", "/openapi.json", "openapi_json"),
     ]
 )
 
@@ -334,7 +340,11 @@ class ModelServer:
                     [problem("method", f"one of {allowed}", request.method)],
                     headers={"Allow": ", ".join(allowed)},
                 )
-            return error_response(404, f"no route {request.url.path}")
+            return error_response(
+                404,
+                f"no route {request.url.path}",
+                [problem("path", "a route of GET /openapi.json", request.url.path)],
+            )
         try:
             return await getattr(self, name)(request, **params)
         except Exception as exc:
@@ -521,6 +531,12 @@ class ModelServer:
                 headers={"Retry-After": "1"},
             )
         return json_response(report)
+
+    async def openapi_json(self, request: Request) -> Response:
+        """``GET /openapi.json``: the document of the models served now."""
+        models = {route: served.production for route, served in self.models.items()}
+        versions = {route: served.versions for route, served in self.models.items()}
+        return json_response(openapi.document(models, versions, _version()))
 
     # -- V2 (Open Inference Protocol) ------------------------------------------------
 

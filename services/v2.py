@@ -5,7 +5,8 @@ tritonclient's HTTP client uses by default.
 The model's tensors are the ONNX graph's, as Triton would expose them, but named by the
 training data's own column names: one input per feature (``FP32`` for numeric columns,
 ``BYTES`` for categorical ones, shape ``[-1, 1]``; a request may also send shape ``[N]``;
-in JSON data a ``null`` number is a missing value, as NaN is in binary data), outputs
+in JSON data a ``null`` number is a missing value, as NaN is in binary data, and a
+``null`` string the missing category ``''``), outputs
 ``prediction`` and, for classification, ``probabilities`` ``[-1, K]`` in the
 ``classes`` order. An infer request may name an input by the graph's ONNX input name
 instead (``mean_radius`` for ``mean radius``), as V1 rows may.
@@ -291,26 +292,23 @@ def _from_json(where: str, data: Any, datatype: str, count: int) -> np.ndarray:
             f"{where}.data: expected {count} values for its shape, got {got}",
             [problem(f"{where}.data", f"{count} values (the shape's product)", got)],
         )
-    if datatype == "BYTES":
-        bad = next((v for v in flat if not isinstance(v, str)), None)
-        if bad is not None:
+    if datatype == "BYTES":  # null: the missing category, '' (as in V1 rows)
+        flat = ["" if v is None else v for v in flat]
+        bad = [v for v in flat if not isinstance(v, str)][:1]
+        if bad:
             raise BadInput(
-                f"{where}.data: BYTES values must be strings, got {describe(bad)}",
-                [problem(f"{where}.data", "strings", describe(bad))],
+                f"{where}.data: BYTES values must be strings, got {describe(bad[0])}",
+                [problem(f"{where}.data", "strings (null: missing)", describe(bad[0]))],
             )
         return np.asarray(flat, dtype=object)
     if datatype.startswith("FP"):  # null: a missing number (JSON has no NaN)
         flat = [math.nan if v is None else v for v in flat]
     want_bool = datatype == "BOOL"
-    bad = next(
-        (
-            v
-            for v in flat
-            if not isinstance(v, bool | int | float) or isinstance(v, bool) != want_bool
-        ),
-        None,
-    )
-    if bad is not None:
+    bad = [
+        v for v in flat if not isinstance(v, bool | int | float) or isinstance(v, bool) != want_bool
+    ][:1]  # a list: the bad value may be None itself (null in an INT tensor was a 500)
+    if bad:
+        bad = bad[0]
         raise BadInput(
             f"{where}.data: {datatype} values must be numbers, got {describe(bad)}",
             [problem(f"{where}.data", f"{datatype} numbers", describe(bad))],
