@@ -58,6 +58,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from training.export import ExportError
     from training.registry import RegistryError
     from training.spec import SpecError
+    from training.tracking import TrackingError
     from training.tune import SearchError
 
     return (
@@ -71,6 +72,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
         DeployError,
         PredictError,
         RetrainError,
+        TrackingError,
         FileNotFoundError,
         ValueError,
     )
@@ -141,7 +143,10 @@ def _connect(persistent: bool) -> None:
 def _search(spec, num_samples: int | None, resume: bool, persistent: bool, splits=None):
     from cluster.progress import SearchProgress
     from training.pipeline import search_and_register
+    from training.tracking import check_reachable
 
+    # An MLflow server that does not answer fails here, before Ray or the search starts.
+    check_reachable(_tracking_uri())
     if spec.search.algorithm == "optuna":
         import optuna
 

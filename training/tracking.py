@@ -9,9 +9,12 @@ batch, and does all of it in one writer thread of its own: Tune's loop only queu
 what happened (a new store costs ~3 s of imports and migrations here, a report a
 SQLite transaction), and the experiment's end waits for the queue to drain. The
 writer's first error (an unreachable server, a store that cannot be created) is raised
-to Tune at the next trial event or at the experiment's end, which stops the search. A
-resumed search (``resume=True``) finds its trials' runs again by their ``trial_id`` tag
-instead of starting new ones.
+to Tune, as a :class:`TrackingError`, at the next trial event or at the experiment's end,
+which stops the search. A resumed search (``resume=True``) finds its trials' runs again
+by their ``trial_id`` tag instead of starting new ones.
+
+:func:`check_reachable` is the check before a search: a tracking server that does not
+answer fails the command at once, before Ray starts and before anything is written.
 """
 
 from __future__ import annotations
@@ -27,6 +30,36 @@ from ray.tune import Callback
 
 SKIPPED = {"config", "pid", "timestamp", "done", "should_checkpoint"}
 MAX_PARAMS = 100  # MLflow's limit per batch
+REACH_TIMEOUT_S = 10.0
+
+
+class TrackingError(RuntimeError):
+    """The MLflow tracking store cannot be reached or written (message names the store)."""
+
+
+def check_reachable(uri: str, timeout: float = REACH_TIMEOUT_S) -> None:
+    """Raise :class:`TrackingError` unless the tracking server at ``uri`` answers HTTP.
+
+    Only ``http(s)://`` URIs are checked (a SQLite or file store is local and is created
+    on first use). One ``GET {uri}/health`` (the MLflow server's liveness route), no
+    retries: MLflow's own client retries an unreachable server with backoff for minutes
+    (``MLFLOW_HTTP_REQUEST_MAX_RETRIES``), so a search would start Ray and its trials
+    before failing. Any HTTP answer counts as reachable (a server behind auth may answer
+    401); a refused connection, a DNS failure or ``timeout`` seconds without an answer
+    do not.
+    """
+    if not uri.startswith(("http://", "https://")):
+        return
+    import httpx
+
+    try:
+        httpx.get(f"{uri.rstrip('/')}/health", timeout=timeout)
+    except httpx.HTTPError as exc:
+        reason = str(exc) or type(exc).__name__
+        raise TrackingError(
+            f"MLflow tracking server {uri} is unreachable: {reason}; "
+            "start it, or point MLFLOW_TRACKING_URI at one that runs"
+        ) from None
 
 
 class MLflowTrials(Callback):
@@ -94,7 +127,8 @@ class MLflowTrials(Callback):
             if self._writer is not None:
                 self._queue.put(None)
                 self._writer = None
-            raise RuntimeError(f"MLflow tracking at {self.tracking_uri} failed: {error}") from error
+            message = f"MLflow tracking at {self.tracking_uri} failed: {error}"
+            raise TrackingError(message) from error
 
     def _write(self) -> None:
         """The writer thread: apply queued events in order until the ``None`` sentinel;
