@@ -23,6 +23,15 @@ Native ingress (the default):
   longer preempt a replica mid-request. Measured on 2 cores (MLP, 1 row, two interleaved
   rounds each): p99 at 8 clients 9.1–9.3 ms instead of 24–42 ms, at 32 clients 23–25 ms
   instead of 39–86 ms, for 3–8 % less throughput.
+- ``RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5``: a stopping replica (scale-down,
+  redeploy, ``serve shutdown``, ``rayship down``) stays reachable 5 s instead of Serve's
+  30 s before it refuses new connections and finishes the requests it has. Serve's 30 s
+  is for an external load balancer (a cloud ALB) to deregister the replica; here only
+  HAProxy dials replicas, Serve reconfigures it within a second of the replica's
+  removal, and a connection the replica then refuses is retried on another one
+  (HAProxy's ``retry-on conn-failure`` with ``option redispatch``, Serve's default).
+  With 30 s, every ``serve.shutdown()`` waited out the replicas' drain ("Controller
+  failed to shut down within 30.0s").
 
 Measured on 2 cores (a no-op deployment, 16 concurrent clients): the Python proxy took
 ~15 ms of CPU a request; HAProxy with the replica defaults 1.6 ms of replica CPU; with
@@ -50,6 +59,7 @@ NATIVE = {
     "RAY_SERVE_ENABLE_HA_PROXY": "1",
     "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
     "RAY_worker_niceness": "0",
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
 }
 # The ports of HAProxy's stats page and exporter and of the proxy it falls back to.
 HAPROXY_PORT_VARS = (

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -58,11 +61,7 @@ def churn(registered, ref="production", **kw) -> ServedModel:
 
 
 def replica_ids() -> list[str]:
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    deployment = details["applications"]["rayship"]["deployments"]["ModelServer"]
-    return sorted(r["replica_id"] for r in deployment["replicas"] if r["state"] == "RUNNING")
+    return sorted(replica_details())
 
 
 def test_two_models_answer_at_their_own_routes(registered, port):
@@ -140,11 +139,7 @@ def test_requests_go_from_haproxy_straight_to_a_replica(registered, port, native
 
 
 def replica_pids() -> list[int]:
-    from ray.serve.context import _get_global_client
-
-    details = _get_global_client().get_serve_details()
-    deployment = details["applications"]["rayship"]["deployments"]["ModelServer"]
-    return [r["pid"] for r in deployment["replicas"] if r["state"] == "RUNNING"]
+    return list(replica_details().values())
 
 
 def test_a_ten_percent_canary_gets_about_ten_percent(registered, port):
@@ -172,25 +167,54 @@ def test_a_ten_percent_canary_gets_about_ten_percent(registered, port):
     }
 
 
+@dataclass
+class Answer:
+    """One request of a steady load: when it was answered, the HTTP status (None when the
+    client got no answer: ``error`` names the exception) and the version that answered."""
+
+    at: float
+    status: int | None
+    version: str | None = None
+    error: str | None = None
+
+
+@contextlib.contextmanager
+def steady_load(url: str, clients: int = 4, rows: int = 8) -> Iterator[list[Answer]]:
+    """``clients`` threads POSTing ``rows`` rows to churn's V1 predict, one request at a
+    time each, for as long as the block runs; every request sent is one :class:`Answer`
+    in the list (complete once the block has exited)."""
+    answers: list[Answer] = []
+    stop = threading.Event()
+    body = {"instances": [GOOD] * rows}
+
+    def client():
+        with httpx.Client(timeout=30) as http:
+            while not stop.is_set():
+                try:
+                    resp = http.post(f"{url}/v1/models/churn:predict", json=body)
+                except httpx.HTTPError as exc:
+                    answers.append(Answer(time.monotonic(), None, error=type(exc).__name__))
+                    continue
+                version = resp.json().get("model_version") if resp.status_code == 200 else None
+                answers.append(Answer(time.monotonic(), resp.status_code, version))
+
+    threads = [threading.Thread(target=client) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    try:
+        yield answers
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+
+
 def test_promote_under_steady_load_fails_no_request(registered, port):
     url = endpoint(
         registered, port, churn(registered), expect={"churn": (registered.good_version, None)}
     )
     before = replica_ids()
-    answers: list[tuple[float, int, str | None]] = []
-    stop = threading.Event()
-
-    def client():
-        with httpx.Client(timeout=30) as http:
-            while not stop.is_set():
-                resp = http.post(f"{url}/v1/models/churn:predict", json={"instances": [GOOD] * 8})
-                version = resp.json().get("model_version") if resp.status_code == 200 else None
-                answers.append((time.monotonic(), resp.status_code, version))
-
-    threads = [threading.Thread(target=client) for _ in range(4)]
-    for t in threads:
-        t.start()
-    try:
+    with steady_load(url) as answers:
         time.sleep(1.5)
         # What `rayship models promote churn 3` deploys: the ref moves, nothing else changes.
         endpoint(
@@ -201,16 +225,11 @@ def test_promote_under_steady_load_fails_no_request(registered, port):
         )
         swapped = time.monotonic()
         time.sleep(1.5)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    statuses = Counter(status for _, status, _ in answers)
+    statuses = Counter(a.status for a in answers)
     assert statuses == {200: len(answers)}, statuses
     assert len(answers) > 50
-    versions = [v for _, _, v in answers]
-    assert versions[0] == registered.good_version
-    assert {v for at, _, v in answers if at > swapped + 0.5} == {registered.swap_version}
+    assert answers[0].version == registered.good_version
+    assert {a.version for a in answers if a.at > swapped + 0.5} == {registered.swap_version}
     assert replica_ids() == before  # reconfigured in place, not restarted
 
 
@@ -250,3 +269,64 @@ def test_a_version_failing_its_checksum_is_not_deployed_and_the_old_one_serves_o
     assert predict_http(url, "churn", [GOOD])["model_version"] == registered.good_version
     # ... and Serve's record of the endpoint is the config that serves it (rolled back).
     assert models_of(deployed_config())[0]["ref"] == "production"
+
+
+def test_a_replica_killed_under_steady_load_fails_almost_no_request(
+    registered, port, native_ingress
+):
+    """One of two replicas SIGKILLed while four clients keep sending: at most 0.1 % of the
+    requests fail, and Serve has two running replicas again within 30 s."""
+    two = SPEC.model_copy(update={"min_replicas": 2, "max_replicas": 2})
+    url = endpoint(
+        registered,
+        port,
+        churn(registered, serve=two),
+        expect={"churn": (registered.good_version, None)},
+    )
+    stats_port = int(native_ingress["RAY_SERVE_HAPROXY_STATS_PORT"])
+    with steady_load(url) as answers:
+        # Both replicas are up behind HAProxy and answering before one is killed.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            servers = haproxy_servers(stats_port)
+            replicas = {n: v for n, v in servers.items() if n.startswith("SERVE_REPLICA")}
+            if len(replicas) == 2 and all(s == "UP" and ok > 0 for s, ok in replicas.values()):
+                break
+            time.sleep(0.5)
+        assert len(replicas) == 2 and all(s == "UP" and ok > 0 for s, ok in replicas.values()), (
+            servers
+        )
+        before = replica_details()
+        assert len(before) == 2, before
+        victim, pid = next(iter(before.items()))
+        os.kill(pid, signal.SIGKILL)
+        killed = time.monotonic()
+        deadline = killed + 30
+        while time.monotonic() < deadline:
+            after = replica_details()
+            if len(after) == 2 and victim not in after:
+                break
+            time.sleep(0.2)
+        recovered = time.monotonic()
+        time.sleep(2)  # the new replica takes its share of the load
+    assert len(after) == 2 and victim not in after, after  # back to two within 30 s
+    sent = len(answers)
+    failed = [a for a in answers if a.status != 200]
+    print(
+        f"\nreplica kill: {len(failed)} of {sent} requests failed "
+        f"({100 * len(failed) / sent:.3f} %), two replicas again after {recovered - killed:.1f} s; "
+        f"failures: {[(a.status, a.error, round(a.at - killed, 2)) for a in failed]}"
+    )
+    assert sent > 500
+    assert len(failed) <= 0.001 * sent, Counter((a.status, a.error) for a in failed)
+    assert {a.version for a in answers if a.status == 200} == {registered.good_version}
+    assert predict_http(url, "churn", [GOOD])["model_version"] == registered.good_version
+
+
+def replica_details() -> dict[str, int]:
+    """Replica id → process id of each RUNNING replica of the endpoint (Serve's record)."""
+    from ray.serve.context import _get_global_client
+
+    details = _get_global_client().get_serve_details()
+    deployment = details["applications"]["rayship"]["deployments"]["ModelServer"]
+    return {r["replica_id"]: r["pid"] for r in deployment["replicas"] if r["state"] == "RUNNING"}
