@@ -700,7 +700,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    t0 = result["soak_start_s"]
+    t0 = result["soak_start_monotonic_s"]  # the ticks are seconds of time.monotonic()
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6.5), sharex=True)
     ticks: dict[int, dict[str, int]] = {}
     for seg in result["segments"]:
@@ -712,28 +712,37 @@ def plot(result: dict[str, Any], path: Path) -> None:
     versions = sorted({v for t in ticks.values() for v in t})
     for v in versions:
         label = f"version {v}" if v not in ("error", "missing") else v
-        ax1.plot([s - t0 for s in secs], [ticks[s].get(v, 0) for s in secs], label=label, lw=0.8)
+        ax1.plot(
+            [s + 0.5 - t0 for s in secs], [ticks[s].get(v, 0) for s in secs], label=label, lw=0.6
+        )
     ax1.axhline(result["target_rps"], color="grey", ls=":", lw=0.8, label="target rate")
     ax1.set_ylabel("answers a second")
     ax1.legend(loc="lower left", fontsize=8)
     for entry in result["memory"]:
         if not entry["serve"] or "rss" not in entry:
             continue
-        points = entry["points"]
+        points, level = entry["points"], entry["rss"]["after_warmup_mib"]
         ax2.plot(
             [p[0] for p in points],
-            [p[1] for p in points],
+            [100 * (p[1] / level - 1) for p in points],
             lw=1,
-            label=f"{entry['role']} ({entry['pid']})",
+            label=f"{entry['role']} ({entry['pid']}, {level:.0f} MiB)",
         )
-    ax2.set_yscale("log")
-    ax2.set_ylabel("RSS (MiB, log)")
+    tol = result["config"]["memory_tolerance_pct"]
+    for y in (tol, -tol):
+        ax2.axhline(y, color="grey", ls=":", lw=0.8)
+    ax2.set_ylim(-1.5 * tol, 1.5 * tol)
+    ax2.set_ylabel("RSS vs. its level after warm-up (%)")
     ax2.set_xlabel("seconds since the soak started")
-    ax2.legend(loc="center left", fontsize=7, ncol=2)
+    ax2.legend(loc="lower right", fontsize=7, ncol=2)
     for ax in (ax1, ax2):
         ax.axvline(result["config"]["warmup_s"], color="grey", ls="--", lw=0.8)
-        ax.axvline(result["promote"]["started_s"] - t0, color="red", ls="--", lw=0.8)
-    ax1.set_title("soak: answers a second by version; RSS of the Serve processes", fontsize=10)
+        ax.axvline(result["promote"]["started_s"], color="red", ls="--", lw=0.8)
+    ax1.set_title(
+        "soak: answers a second by version; RSS of the Serve processes "
+        "(dashed: end of warm-up, promote)",
+        fontsize=10,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -1015,7 +1024,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "capacity": cap,
         "target_rps": rate,
-        "soak_start_s": 0.0,
+        "soak_start_s": 0.0,  # every time in this file is seconds since the soak started
+        "soak_start_monotonic_s": soak_start,  # ...but the segments' ticks (monotonic s)
         "totals": totals,
         "cpu_during_soak": cpu,  # mean shares of the machine's cores (MemorySampler)
         "promote": promote,
