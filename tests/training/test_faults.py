@@ -126,3 +126,17 @@ def test_two_searches_registering_one_model_at_once_both_land_intact(churn_csv, 
     # `candidate` names the version of whichever search set it last: one that exists.
     assert str(registry.resolve_version(uri, "churn", registry.CANDIDATE).version) in ("1", "2")
     assert watch.broken == [] and watch.checks > 0
+
+
+def test_searches_started_in_one_second_get_their_own_folders_and_resume_takes_the_newest(
+    churn_csv, tmp_path
+):
+    from training.tune import latest_search, search_name
+
+    spec = parse_spec(churn_spec(churn_csv))
+    names = [search_name(spec) for _ in range(2)]
+    assert names[0] != names[1]  # microseconds apart
+    older = ["churn-20251130-235959", "churn-20261201-041000", "churn-20261201-041000-000001"]
+    for name in [*older, *names, "churn-v2-20991231-000000", "churner-20991231-000000"]:
+        (tmp_path / "searches" / name).mkdir(parents=True)
+    assert latest_search(tmp_path, "churn").name == names[1]
