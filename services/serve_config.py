@@ -107,7 +107,7 @@ def deployment_options(specs: list[ServeSpec]) -> dict[str, Any]:
       default 10 s): that is how the controller learns a replica's process died, so a
       killed replica is replaced sooner (HAProxy stops sending to it at once either
       way). One of two replicas SIGKILLed under load: two running again 7–15 s after
-      the kill with 10 s (11 kills), 6.4 s with 2 s.
+      the kill with 10 s (11 kills), 6.0–7.5 s with 2 s (5 kills).
     - Replicas write no access log unless a model's spec asks for one
       (``serve.access_log``, or ``rayship serve --access-log``): on the native ingress
       a log line per request took a no-op replica from 1.23 to 1.63 ms of CPU a request.
