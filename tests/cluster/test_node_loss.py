@@ -1,28 +1,43 @@
 """A worker node lost during a search: the search finishes and registers a model.
 
-A worker node is removed from a ``ray.cluster_utils.Cluster`` (its raylet stopped as
-a scaled-down or preempted node's is: the GCS hears of it at once). Tune retries each
-trial that ran there (the spec's ``search.max_failures``, Tune's
+A node goes two ways here. Removed from a ``ray.cluster_utils.Cluster`` (its raylet
+stopped as a scaled-down or preempted node's is: the GCS hears of it at once), and
+every process of a ``rayship up`` worker node SIGKILLed under a running ``rayship
+tune`` (a crashed machine: the GCS notices by its health checks). Either way Tune
+retries each trial that ran there (the spec's ``search.max_failures``, Tune's
 ``FailureConfig``) from its last checkpoint, on the node that is left.
 
-The trials grow a HistGradientBoosting model to 40 iterations in 10 reported steps,
-each with a checkpoint, so a trial cut off mid-way shows where its retry started.
+Trials grow their model in 10 reported steps, each with a checkpoint, so a trial cut
+off mid-way shows where its retry started: HistGradientBoosting in-process, a random
+forest of long trials through the CLI (a trial must outlast a cold trial actor's start
+on the worker node, else Tune hands the worker's trials to the head's reused actors).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import psutil
+import yaml
+from cli_runner import rayship
 from ray.tune import Callback
 
+from cluster import local
 from training.pipeline import search_and_register
 from training.spec import parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 HGB = "sklearn.ensemble.HistGradientBoostingClassifier"
 STEPS = list(range(4, 41, 4))  # the iterations a HistGradientBoosting trial reports at
+FOREST = "sklearn.ensemble.RandomForestClassifier"
+TREES = list(range(200, 2001, 200))  # the trees a random forest trial reports at
 
 
 def _churn_csv(path: Path) -> Path:
@@ -149,3 +164,89 @@ def test_a_search_finishes_when_a_worker_node_is_removed(tmp_path):
     assert first_retried["node_id"] == head
     assert first_retried["iterations"] == iterations + 4
     assert outcome.search.trial_nodes == {head, worker.node_id}
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+def _node_procs(session_id: int) -> list[psutil.Process]:
+    """The live processes of one `rayship up` node: its `ray start`'s session."""
+    procs = []
+    for p in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getsid(p.pid) == session_id and p.info["status"] != psutil.STATUS_ZOMBIE:
+                procs.append(p)
+        except (ProcessLookupError, PermissionError):
+            continue
+    return procs
+
+
+def _wait_for_report_from(searches: Path, node_id: str, tune: subprocess.Popen) -> None:
+    """Wait until a trial on ``node_id`` has reported a step that is not its last
+    (Tune's JSON logger writes each report as it comes)."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and tune.poll() is None:
+        for log in searches.glob("*/trial-*/result.json"):
+            for line in log.read_text().splitlines():
+                row = json.loads(line) if line.endswith("}") else {}
+                if row.get("node_id") == node_id and row["iterations"] < TREES[-1]:
+                    return
+        time.sleep(0.05)
+    out = tune.communicate()[0] if tune.poll() is not None else ""
+    raise AssertionError(f"no trial on node {node_id} reported; rayship tune: {out}")
+
+
+def test_rayship_tune_finishes_when_a_worker_node_is_killed(tmp_path):
+    """`rayship up --workers 1 --cpus-per-node 2`, then `rayship tune` of four trials at
+    once, two a node; once a trial on the worker has reported, every process of the
+    worker node is SIGKILLed."""
+    spec = tmp_path / "churn.yaml"
+    forest = {
+        "estimator": FOREST,
+        "space": {
+            "n_estimators": TREES[-1],
+            "max_depth": 4,
+            "max_features": {"choice": [0.4, 0.6, 0.8, 1.0]},
+        },
+    }
+    raw = node_loss_spec(_churn_csv(tmp_path / "churn.csv"), forest)
+    spec.write_text(yaml.safe_dump(raw))
+    tune = None
+    try:
+        started = rayship("up", "--workers", "1", "--cpus-per-node", "2", cwd=tmp_path)
+        assert started.returncode == 0, started.stdout + started.stderr
+        state = tmp_path / ".rayship"
+        info = local.info(state)
+        status = local.status(state)
+        assert info is not None and status is not None
+        (lost,) = [n.node_id for n in status.nodes if not n.is_head]
+        path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+        env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+        tune = subprocess.Popen(
+            [sys.executable, "-m", "cluster.cli", "tune", str(spec)],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        _wait_for_report_from(state / "searches", lost, tune)
+        killed = _node_procs(info.session_ids[1])
+        names = {p.name() for p in killed}
+        for p in killed:
+            p.send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        assert "raylet" in names, names
+        out, _ = tune.communicate(timeout=180)
+        print(f"rayship tune exited {time.monotonic() - killed_at:.1f} s after the kill")
+        assert tune.returncode == 0, out
+        assert "search: 4 trials (0 errored) on 2 node(s)" in out, out
+        assert "gate passed: registered churn version 1 as candidate" in out, out
+        (search,) = (state / "searches").glob("churn-*")
+        assert moved_trials(reports(search), lost=lost, steps=TREES)
+        assert _node_procs(info.session_ids[1]) == []
+    finally:
+        if tune is not None and tune.poll() is None:
+            tune.kill()
+            tune.wait()
+        rayship("down", cwd=tmp_path, timeout=120)
