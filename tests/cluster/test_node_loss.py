@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[2]
 HGB = "sklearn.ensemble.HistGradientBoostingClassifier"
 STEPS = list(range(4, 41, 4))  # the iterations a HistGradientBoosting trial reports at
 FOREST = "sklearn.ensemble.RandomForestClassifier"
-TREES = list(range(200, 2001, 200))  # the trees a random forest trial reports at
+TREES = list(range(300, 3001, 300))  # the trees a random forest trial reports at
 
 
 def _churn_csv(path: Path) -> Path:
