@@ -69,9 +69,8 @@ def node_loss_spec(source: Path, model: dict) -> dict:
 
 
 def reports(experiment_path: str | Path) -> dict[str, list[dict]]:
-    """Every trial's reports (result.json lines), by trial folder name. Tune rolls a
-    failed trial's log back to its last checkpoint: the log is the history of the
-    model the trial ended with."""
+    """Every trial's reports (result.json lines), by trial folder name. Tune appends a
+    retried trial's reports to the same log, after those of its first run."""
     return {
         d.name: [json.loads(line) for line in (d / "result.json").read_text().splitlines()]
         for d in Path(experiment_path).glob("trial-*")
