@@ -59,21 +59,13 @@ NUMERIC = {
     "FP64": np.float64,
 }
 DATATYPES = ["BYTES", *NUMERIC]
-DRAIN = "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"
 
 
 @pytest.fixture(scope="module")
 def endpoint(registered, free_port):
-    import os
-
     import ray
     from ray import serve
 
-    # Serve holds a stopping replica open 30 s by default so that load balancers can
-    # deregister it (RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S); nothing here stops a
-    # replica before the module ends, so the wait would only lengthen the teardown.
-    drain = os.environ.get(DRAIN)
-    os.environ[DRAIN] = "1"
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         yield serve_models(
@@ -87,10 +79,6 @@ def endpoint(registered, free_port):
     finally:
         serve.shutdown()
         ray.shutdown()
-        if drain is None:
-            os.environ.pop(DRAIN, None)
-        else:
-            os.environ[DRAIN] = drain
 
 
 @pytest.fixture(scope="module")
