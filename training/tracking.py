@@ -79,10 +79,11 @@ class MLflowTrials(Callback):
         self._queue: queue.Queue | None = None
         self._writer: threading.Thread | None = None
         self._error: BaseException | None = None
+        self.failure: TrackingError | None = None  # the error raised to Tune, if any
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles callbacks with the experiment state; the writer stays here.
-        state = {**self.__dict__, "_queue": None, "_writer": None, "_error": None}
+        state = {**self.__dict__, "_queue": None, "_writer": None, "_error": None, "failure": None}
         return {**state, "_store_ready": None}
 
     def setup(self, **info: Any) -> None:
@@ -128,7 +129,8 @@ class MLflowTrials(Callback):
                 self._queue.put(None)
                 self._writer = None
             message = f"MLflow tracking at {self.tracking_uri} failed: {error}"
-            raise TrackingError(message) from error
+            self.failure = TrackingError(message)
+            raise self.failure from error
 
     def _write(self) -> None:
         """The writer thread: apply queued events in order until the ``None`` sentinel;

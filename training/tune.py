@@ -325,6 +325,7 @@ def run_search(
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", SNAPSHOT_PERIOD_S)
     import ray
     from ray import tune
+    from ray.tune.error import TuneError
     from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 
     from training.tracking import MLflowTrials
@@ -379,6 +380,12 @@ def run_search(
     os.environ[NO_AUTO_LOGGERS] = "1"
     try:
         grid = tuner.fit()
+    except TuneError:
+        # Tune wraps an error raised in a callback's trial event in a TuneError holding
+        # the whole traceback as text; the tracking failure itself is the one line to show.
+        if own[0].failure is not None:
+            raise own[0].failure from None
+        raise
     finally:
         if loggers is None:
             os.environ.pop(NO_AUTO_LOGGERS, None)

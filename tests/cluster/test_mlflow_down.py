@@ -57,6 +57,8 @@ class MlflowServer:
         return self.root / "artifacts"
 
     def start(self, timeout: float = 60) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return  # running already
         log = open(self.root / "server.log", "a")  # noqa: SIM115 (the server's own)
         self.process = subprocess.Popen(
             [
@@ -211,3 +213,63 @@ def files(folder: Path) -> list[Path]:
 def served_run(client, served: Served) -> str:
     """The run that logged the served version (the only run the store should hold)."""
     return client.get_model_version(served.name, served.version).run_id
+
+
+def test_the_store_stopped_mid_search_fails_tune_in_one_line_and_registers_nothing(
+    served, monkeypatch
+):
+    """The server dies while trials run: the search stops at the next trial event with
+    one error line (no traceback) and registers no version. MLflow's client retries an
+    unreachable server for about 4 minutes by default (MLFLOW_HTTP_REQUEST_MAX_RETRIES
+    7, backoff 2), which rides out a restart; the test turns the retries off, as a user
+    who wants to fail at once would."""
+    from training import registry
+
+    served.server.start()  # (if a test above stopped it)
+    before = registry.client(served.server.uri).search_model_versions(f"name = '{served.name}'")
+    raw = yaml.safe_load(served.spec_path.read_text())
+    # Forests grown in steps, one trial at a time: about 30 s of trials reporting often,
+    # so the server's death lands mid-search.
+    raw["models"] = [
+        {
+            "type": "sklearn",
+            "estimator": "sklearn.ensemble.RandomForestClassifier",
+            "space": {"n_estimators": 2000, "max_depth": {"choice": [4, 6, 8]}},
+        }
+    ]
+    raw["search"] = {"num_samples": 6, "max_concurrent_trials": 1, "cpus_per_trial": 1}
+    spec = served.cwd / "churn-mid.yaml"
+    spec.write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", served.server.uri)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    tune = subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", "tune", str(spec)],
+        cwd=served.cwd,
+        env={**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        searches = served.cwd / ".rayship" / "searches"
+        deadline = time.monotonic() + 180
+        while not [p for p in searches.glob("churn-*/trial-*/result.json") if p.stat().st_size]:
+            assert tune.poll() is None, tune.stdout.read()
+            assert time.monotonic() < deadline, "no trial reported within 180 s"
+            time.sleep(0.2)
+        served.server.stop()  # a trial has reported: the search is under way
+        output, _ = tune.communicate(timeout=180)
+    finally:
+        if tune.poll() is None:
+            tune.kill()
+            tune.wait()
+    assert tune.returncode == 1, output
+    assert "Traceback" not in output, output
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, output
+    assert served.server.uri in errors[0] and "gate passed" not in output
+
+    served.server.start()  # back: the failed search registered nothing
+    after = registry.client(served.server.uri).search_model_versions(f"name = '{served.name}'")
+    assert sorted(v.version for v in after) == sorted(v.version for v in before)
