@@ -6,6 +6,8 @@
 - ``rayship tune`` (its tracking URI from ``MLFLOW_TRACKING_URI``, as a user points it at
   a server) fails at once with one line naming the store, before Ray starts, and — seen
   once the server is back — registered nothing: no version, no run, no artifact.
+- The server stopped in the middle of a ``rayship tune``: the search stops at the next
+  trial event with one error line naming the server, and no version is registered.
 
 One Ray instance and one MLflow server for the module.
 """
