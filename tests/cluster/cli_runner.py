@@ -11,15 +11,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def rayship(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """``rayship ARGS`` in ``cwd``; output captured, wide enough for rich's tables."""
+def _env() -> dict[str, str]:
+    """This process's environment, importing this checkout first, wide enough for rich's
+    tables, unbuffered."""
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+    return {**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path}
+
+
+def rayship(*args: str, cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``rayship ARGS`` in ``cwd``, run to its end; output captured."""
     return subprocess.run(
         [sys.executable, "-m", "cluster.cli", *args],
         cwd=cwd,
-        env=env,
+        env=_env(),
         capture_output=True,
         text=True,
         timeout=timeout,
+    )
+
+
+def start(*args: str, cwd: Path) -> subprocess.Popen:
+    """``rayship ARGS`` in ``cwd``, started and left running (to be killed or waited
+    for); stdout and stderr together in ``.stdout``."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "cluster.cli", *args],
+        cwd=cwd,
+        env=_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
     )

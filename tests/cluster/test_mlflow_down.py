@@ -26,19 +26,13 @@ from pathlib import Path
 import httpx
 import pytest
 import yaml
-from cli_runner import rayship
+from cli_runner import rayship, start
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
-from specs import churn_spec, make_churn  # noqa: E402
+from specs import CHURN_ROW, churn_spec, make_churn  # noqa: E402
 
-ROW = {
-    "plan": "basic",
-    "region": "north",
-    "tenure_months": 3.0,
-    "monthly_charges": 50.0,
-    "support_tickets": 1.0,
-}
+ROW = CHURN_ROW
 
 
 @dataclass
@@ -244,15 +238,7 @@ def test_the_store_stopped_mid_search_fails_tune_in_one_line_and_registers_nothi
     spec.write_text(yaml.safe_dump(raw))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", served.server.uri)
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    tune = subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", "tune", str(spec)],
-        cwd=served.cwd,
-        env={**os.environ, "COLUMNS": "250", "PYTHONUNBUFFERED": "1", "PYTHONPATH": path},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    tune = start("tune", str(spec), cwd=served.cwd)
     try:
         searches = served.cwd / ".rayship" / "searches"
         deadline = time.monotonic() + 180

@@ -40,16 +40,10 @@ from training.spec import SpecError, parse_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "training"))
-from specs import churn_spec, make_churn  # noqa: E402
+from specs import CHURN_ROW, churn_spec, make_churn  # noqa: E402
 
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
-ROW = {
-    "plan": "basic",
-    "region": "north",
-    "tenure_months": 3.0,
-    "monthly_charges": 50.0,
-    "support_tickets": 1.0,
-}
+ROW = CHURN_ROW
 
 
 def _marked_processes(marker: str) -> list[str]:

@@ -20,12 +20,14 @@ import copy
 import functools
 import json
 import re
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import kubernetes_validate
+import yaml
 
 KUBERNETES_VERSION = "1.34.0"
 CRDS = Path(__file__).resolve().parent / "crds"
@@ -356,3 +358,14 @@ def parse_cli(argv: list[str]):
     args = [*ctx._protected_args, *ctx.args]
     name, command, rest = group.resolve_command(ctx, args)
     return command.make_context(name, rest, parent=ctx)
+
+
+def kustomize(path: Path) -> list[dict[str, Any]]:
+    """The objects ``kubectl kustomize PATH`` renders (the kubectl of the dev extras)."""
+    from cluster import k8s
+
+    proc = subprocess.run(
+        [k8s.kubectl(), "kustomize", str(path)], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 0, proc.stderr
+    return [d for d in yaml.safe_load_all(proc.stdout) if d]

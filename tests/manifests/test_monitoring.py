@@ -11,12 +11,18 @@ from __future__ import annotations
 import copy
 import os
 import re
-import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
-from k8s_checks import names_ok, parse_cli, policy_violations, reachable, schema_errors
+from k8s_checks import (
+    kustomize,
+    names_ok,
+    parse_cli,
+    policy_violations,
+    reachable,
+    schema_errors,
+)
 from monitoring_queries import (
     DRIFT_GAUGES,
     EXPORTED,
@@ -41,17 +47,9 @@ NS = k8s.NAMESPACE
 RETRAIN = {"app.kubernetes.io/name": "rayship-retrain", "app.kubernetes.io/component": "retrain"}
 
 
-def _kustomize(path: Path) -> list[dict]:
-    proc = subprocess.run(
-        [k8s.kubectl(), "kustomize", str(path)], capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
-
-
 @pytest.fixture(scope="module")
 def monitoring() -> list[dict]:
-    return _kustomize(MONITORING)
+    return kustomize(MONITORING)
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +60,7 @@ def deployed() -> dict[str, list[dict]]:
     out = {}
     for overlay in k8s.OVERLAYS:
         rendered, _ = k8s.render_for_spec(k8s.kustomize(overlay), spec, BASE_SPEC.read_text())
-        out[overlay] = rendered + _kustomize(MONITORING)
+        out[overlay] = rendered + kustomize(MONITORING)
     return out
 
 
@@ -214,7 +212,7 @@ def _with_overlay_images(overlay: str, tmp_path: Path) -> list[dict]:
     (tmp_path / "kustomization.yaml").write_text(
         yaml.safe_dump({"resources": [os.path.relpath(MONITORING, tmp_path)], "images": images})
     )
-    return _kustomize(tmp_path)
+    return kustomize(tmp_path)
 
 
 @pytest.mark.parametrize("overlay", k8s.OVERLAYS)

@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_checks import pod_templates
+from k8s_checks import kustomize, pod_templates
 
 from cluster import k8s
 from training.spec import load_spec
@@ -48,21 +48,11 @@ SECRET_VALUE = [
 ]
 
 
-def _kustomize(path: Path) -> list[dict]:
-    import subprocess
-
-    proc = subprocess.run(
-        [k8s.kubectl(), "kustomize", str(path)], capture_output=True, text=True, check=False
-    )
-    assert proc.returncode == 0, proc.stderr
-    return [d for d in yaml.safe_load_all(proc.stdout) if d]
-
-
 @pytest.fixture(scope="module")
 def manifests() -> dict[str, list[dict]]:
     """Each overlay as kustomize builds it, `rayship render` of each example on it, and
     manifests/monitoring."""
-    out = {"monitoring": _kustomize(MONITORING)}
+    out = {"monitoring": kustomize(MONITORING)}
     for overlay in k8s.OVERLAYS:
         objects = k8s.kustomize(overlay)
         out[overlay] = objects

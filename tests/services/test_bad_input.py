@@ -32,6 +32,7 @@ from served import GOOD, offline_outputs, rows_of
 
 from services.deploy import serve_models
 from services.serve_config import ServedModel
+from services.v2 import NUMERIC_DATATYPES
 from training import export
 from training.spec import ServeSpec
 
@@ -44,20 +45,7 @@ SPEC = ServeSpec(
     batch_wait_timeout_s=0.0,
 )  # the default max_request_bytes (16 MiB): 100,000 rows fit
 HEADER = "Inference-Header-Content-Length"
-NUMERIC = {
-    "BOOL": np.bool_,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-}
+NUMERIC = NUMERIC_DATATYPES  # the V2 datatypes with a numpy type
 DATATYPES = ["BYTES", *NUMERIC]
 
 

@@ -11,6 +11,16 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# One valid churn row (the columns of examples/make_csv.py's churn table).
+CHURN_ROW = {
+    "plan": "basic",
+    "region": "north",
+    "tenure_months": 3.0,
+    "monthly_charges": 50.0,
+    "support_tickets": 1.0,
+}
+
+
 def make_churn(rows: int = 1200, seed: int = 0) -> pd.DataFrame:
     spec = importlib.util.spec_from_file_location("make_csv", ROOT / "examples" / "make_csv.py")
     module = importlib.util.module_from_spec(spec)

@@ -4,9 +4,7 @@ its own local Ray, one MLflow SQLite store)."""
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -15,6 +13,9 @@ from urllib.parse import urlparse
 import pytest
 import yaml
 from specs import ROOT, churn_spec
+
+sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+from cli_runner import start as start_rayship  # noqa: E402
 
 from training import registry
 from training.spec import parse_spec
@@ -44,20 +45,6 @@ def test_a_registered_onnx_file_corrupted_on_disk_is_refused_naming_both_checksu
     assert f"churn version {outcome.version}" in message and "sha256" in message
     assert f"expected sha256 {registry.sha256(good)}" in message
     assert f"actual sha256 {registry.sha256(bytes(bad))}" in message
-
-
-def rayship(*args: str, cwd: Path) -> subprocess.Popen:
-    """`rayship ARGS` in ``cwd``, importing this checkout's code."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": path}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
 
 
 class AliasWatch(threading.Thread):
@@ -102,7 +89,7 @@ def test_two_searches_registering_one_model_at_once_both_land_intact(churn_csv, 
     spec.write_text(yaml.safe_dump(raw))
     state = tmp_path / ".rayship"
     uri = registry.tracking_uri(state)
-    runs = [rayship("tune", str(spec), cwd=tmp_path) for _ in range(2)]
+    runs = [start_rayship("tune", str(spec), cwd=tmp_path) for _ in range(2)]
     watch = AliasWatch(uri, "churn")
     watch.start()
     outs = [run.communicate(timeout=300)[0] for run in runs]

@@ -21,25 +21,12 @@ from pathlib import Path
 import yaml
 from specs import ROOT, churn_spec
 
+sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+from cli_runner import start as start_rayship  # noqa: E402
+
 from training import registry
 
 TRIALS = 6  # 2 families x 3 samples, one at a time
-
-
-def rayship(*args: str, cwd: Path) -> subprocess.Popen:
-    """`rayship ARGS` (this checkout's code) in a session of its own: the session holds
-    the local Ray it starts."""
-    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "PYTHONPATH": path}
-    return subprocess.Popen(
-        [sys.executable, "-m", "cluster.cli", *args],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        start_new_session=True,
-    )
 
 
 def finished(result_json: str) -> bool:
@@ -136,7 +123,7 @@ def test_a_killed_then_interrupted_search_resumes_without_rerunning_finished_tri
 
     # 1. SIGKILL: no handler runs, Tune saves nothing more, Ray is not shut down.
     # (Started in a session of its own, so the Ray processes it starts can be told apart.)
-    first = rayship("tune", str(spec), cwd=tmp_path)
+    first = start_rayship("tune", str(spec), cwd=tmp_path)
     wait_until_terminated(first, state, more_than=0)
     first.kill()
     first.communicate(timeout=60)
@@ -152,7 +139,7 @@ def test_a_killed_then_interrupted_search_resumes_without_rerunning_finished_tri
     assert registry.list_versions(uri) == []  # nothing registered
 
     # 2. Ctrl-C during the resume: Tune saves its state and the command says how to go on.
-    second = rayship("tune", str(spec), "--resume", cwd=tmp_path)
+    second = start_rayship("tune", str(spec), "--resume", cwd=tmp_path)
     wait_until_terminated(second, state, more_than=len(killed))
     second.send_signal(signal.SIGINT)
     out, _ = second.communicate(timeout=120)
@@ -164,7 +151,7 @@ def test_a_killed_then_interrupted_search_resumes_without_rerunning_finished_tri
     reports_then = reported_trials(state)
 
     # 3. The second resume finishes the same search and registers its winner.
-    third = rayship("tune", str(spec), "--resume", cwd=tmp_path)
+    third = start_rayship("tune", str(spec), "--resume", cwd=tmp_path)
     out, _ = third.communicate(timeout=300)
     assert third.returncode == 0, out
     assert f"search: {TRIALS} trials (0 errored)" in out
