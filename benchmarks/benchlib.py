@@ -402,3 +402,82 @@ def safe_unlink(path: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise
+
+
+def make_churn(rows: int, seed: int):
+    """The churn table of ``examples/make_csv.py`` (a DataFrame), without running it."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_csv", ROOT / "examples" / "make_csv.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_churn(rows=rows, seed=seed)
+
+
+def register_churn(
+    folder: Path,
+    uri: str,
+    name: str,
+    *,
+    cs: tuple[float, ...] = (1.0,),
+    serve: dict[str, Any] | None = None,
+    benchmark: str,
+    log=print,
+):
+    """Fit a LogisticRegression on 6,000 churn rows for each ``C`` in ``cs`` and register
+    each as a version of ``name`` at ``uri`` the way ``training.pipeline`` registers a
+    winner (ONNX graph with the preprocessing inside, schema, profile, spec and drift
+    reference); ``production`` on version 1. Returns the data's splits."""
+    import numpy as np
+
+    from training import export, registry
+    from training.data import load_splits, profile
+    from training.models import make_estimator
+    from training.pipeline import drift_reference
+    from training.preprocess import fit_preprocessor
+    from training.spec import parse_spec, spec_to_yaml
+
+    csv = folder / "churn.csv"
+    make_churn(6000, 0).to_csv(csv, index=False)
+    estimator = "sklearn.linear_model.LogisticRegression"
+    raw = {
+        "name": name,
+        "task": "classification",
+        "data": {"source": str(csv), "target": "churn", "categorical": ["plan", "region"]},
+        "metric": "accuracy",
+        "models": [{"type": "sklearn", "estimator": estimator}],
+    }
+    if serve is not None:
+        raw["serve"] = serve
+    spec = parse_spec(raw)
+    splits = load_splits(spec.data, spec.task)
+    schema = splits.schema
+    pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
+    feats = pre.transform(splits.X_train)
+    y = np.array([schema.classes.index(c) for c in splits.y_train])
+    for c in cs:
+        est = make_estimator(estimator, {"C": c, "max_iter": 500}, 0).fit(feats, y)
+        onnx_bytes = export.assemble(
+            pre, export.sklearn_model_graph(est, feats.shape[1], spec.task), schema
+        )
+        sha = registry.sha256(onnx_bytes)
+        run_id, source = registry.log_winner(
+            uri,
+            name,
+            onnx_bytes=onnx_bytes,
+            files={
+                "schema.json": schema.to_dict(),
+                "metrics.json": {},
+                "profile.json": profile(splits.X_train, schema),
+                "spec.yaml": spec_to_yaml(spec),
+                "drift.json": drift_reference(spec, splits, onnx_bytes),
+            },
+            params={"C": c},
+            metrics={},
+            tags={"rayship.benchmark": benchmark, "onnx_sha256": sha},
+        )
+        version = registry.register_version(uri, name, source, run_id, tags={"onnx_sha256": sha})
+        log(f"registered {name} version {version} (LogisticRegression C={c})")
+        if str(version) == "1":
+            registry.set_alias(uri, name, registry.PRODUCTION, version)
+    return splits

@@ -27,7 +27,6 @@ itself, and the merger actor's CPU (its own pid) is added to the "on" side.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import platform
@@ -44,67 +43,16 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks import benchlib  # noqa: E402
 from benchmarks import serving_load as load  # noqa: E402
 
 NAME = "churn-cost"
 
 
-def _make_churn(rows: int, seed: int):
-    spec = importlib.util.spec_from_file_location("make_csv", ROOT / "examples" / "make_csv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_churn(rows=rows, seed=seed)
-
-
 def register_model(folder: Path) -> str:
     """Fit the churn model, register it with its drift reference; the tracking URI."""
-    from training import export, registry
-    from training.data import load_splits, profile
-    from training.models import make_estimator
-    from training.pipeline import drift_reference
-    from training.preprocess import fit_preprocessor
-    from training.spec import parse_spec, spec_to_yaml
-
-    csv = folder / "churn.csv"
-    _make_churn(6000, 0).to_csv(csv, index=False)
-    estimator = "sklearn.linear_model.LogisticRegression"
-    spec = parse_spec(
-        {
-            "name": NAME,
-            "task": "classification",
-            "data": {"source": str(csv), "target": "churn", "categorical": ["plan", "region"]},
-            "metric": "accuracy",
-            "models": [{"type": "sklearn", "estimator": estimator}],
-        }
-    )
-    splits = load_splits(spec.data, spec.task)
-    schema = splits.schema
-    pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
-    feats = pre.transform(splits.X_train)
-    y = np.array([schema.classes.index(c) for c in splits.y_train])
-    est = make_estimator(estimator, {"max_iter": 500}, 0).fit(feats, y)
-    graph = export.sklearn_model_graph(est, feats.shape[1], spec.task)
-    onnx_bytes = export.assemble(pre, graph, schema)
     uri = f"sqlite:///{folder / 'mlflow.db'}"
-    run_id, source = registry.log_winner(
-        uri,
-        NAME,
-        onnx_bytes=onnx_bytes,
-        files={
-            "schema.json": schema.to_dict(),
-            "metrics.json": {},
-            "profile.json": profile(splits.X_train, schema),
-            "spec.yaml": spec_to_yaml(spec),
-            "drift.json": drift_reference(spec, splits, onnx_bytes),
-        },
-        params={},
-        metrics={},
-        tags={"rayship.benchmark": "monitor_cost"},
-    )
-    version = registry.register_version(
-        uri, NAME, source, run_id, tags={"onnx_sha256": registry.sha256(onnx_bytes)}
-    )
-    registry.set_alias(uri, NAME, registry.PRODUCTION, version)
+    benchlib.register_churn(folder, uri, NAME, benchmark="monitor_cost")
     return uri
 
 
@@ -177,7 +125,7 @@ def cluster_sessions() -> set[int]:
 def body_of(rows: int) -> bytes:
     from services.http import dumps
 
-    frame = _make_churn(rows, 99).drop(columns=["churn"])
+    frame = benchlib.make_churn(rows, 99).drop(columns=["churn"])
     instances = [
         {k: (None if (isinstance(v, float) and np.isnan(v)) else v) for k, v in r.items()}
         for r in frame.to_dict(orient="records")

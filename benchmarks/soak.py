@@ -267,74 +267,23 @@ def _on_signal(signum, frame) -> None:
 # ---------------------------------------------------------------------------- models
 
 
-def _make_churn(rows: int, seed: int):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_csv", ROOT / "examples" / "make_csv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_churn(rows=rows, seed=seed)
-
-
 def register_versions(folder: Path, log) -> tuple[str, list[bytes]]:
     """Fit and register two versions (``production`` on 1); the tracking URI and the
     request bodies (one holdout row each, as a client sends it)."""
-    import numpy as np
-
     from services.deploy import as_instances
     from services.http import dumps
-    from training import export, registry
-    from training.data import load_splits, profile
-    from training.models import make_estimator
-    from training.pipeline import drift_reference
-    from training.preprocess import fit_preprocessor
-    from training.spec import parse_spec, spec_to_yaml
 
-    csv = folder / "churn.csv"
-    _make_churn(6000, 0).to_csv(csv, index=False)
-    estimator = "sklearn.linear_model.LogisticRegression"
-    spec = parse_spec(
-        {
-            "name": NAME,
-            "task": "classification",
-            "data": {"source": str(csv), "target": "churn", "categorical": ["plan", "region"]},
-            "metric": "accuracy",
-            "models": [{"type": "sklearn", "estimator": estimator}],
-            "serve": {"min_replicas": REPLICAS, "max_replicas": REPLICAS},
-        }
-    )
-    splits = load_splits(spec.data, spec.task)
-    schema = splits.schema
-    pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
-    feats = pre.transform(splits.X_train)
-    y = np.array([schema.classes.index(c) for c in splits.y_train])
     uri = f"sqlite:///{folder / '.rayship' / 'mlflow.db'}"
     (folder / ".rayship").mkdir(parents=True, exist_ok=True)
-    for c in (1.0, 0.1):
-        est = make_estimator(estimator, {"C": c, "max_iter": 500}, 0).fit(feats, y)
-        onnx_bytes = export.assemble(
-            pre, export.sklearn_model_graph(est, feats.shape[1], spec.task), schema
-        )
-        sha = registry.sha256(onnx_bytes)
-        run_id, source = registry.log_winner(
-            uri,
-            NAME,
-            onnx_bytes=onnx_bytes,
-            files={
-                "schema.json": schema.to_dict(),
-                "metrics.json": {},
-                "profile.json": profile(splits.X_train, schema),
-                "spec.yaml": spec_to_yaml(spec),
-                "drift.json": drift_reference(spec, splits, onnx_bytes),
-            },
-            params={"C": c},
-            metrics={},
-            tags={"rayship.benchmark": "soak", "onnx_sha256": sha},
-        )
-        version = registry.register_version(uri, NAME, source, run_id, tags={"onnx_sha256": sha})
-        log(f"registered {NAME} version {version} (LogisticRegression C={c})")
-        if str(version) == "1":
-            registry.set_alias(uri, NAME, registry.PRODUCTION, version)
+    splits = benchlib.register_churn(
+        folder,
+        uri,
+        NAME,
+        cs=(1.0, 0.1),
+        serve={"min_replicas": REPLICAS, "max_replicas": REPLICAS},
+        benchmark="soak",
+        log=log,
+    )
     rows = splits.X_test.head(BODIES).to_dict(orient="records")
     return uri, [dumps({"instances": as_instances([r])}) for r in rows]
 
