@@ -30,6 +30,9 @@ from services.serve_config import ServedModel, serve_config
 from training.spec import ServeSpec
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "training"))
+from specs import LOGREG, churn_spec, make_churn  # noqa: E402
+
 NAME = "churn-monitored"
 WINDOW = 1000
 FEATURES = ["plan", "region", "tenure_months", "monthly_charges", "support_tickets"]
@@ -93,15 +96,6 @@ class Monitored:
     columns: list[str]
 
 
-def _make_churn(rows: int, seed: int) -> pd.DataFrame:
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_csv", ROOT / "examples" / "make_csv.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.make_churn(rows=rows, seed=seed)
-
-
 @pytest.fixture(scope="module")
 def monitored(tmp_path_factory) -> Monitored:
     """``churn-monitored`` in its own MLflow store: versions 1, 2 with drift.json, 3 without."""
@@ -114,17 +108,9 @@ def monitored(tmp_path_factory) -> Monitored:
 
     tmp = tmp_path_factory.mktemp("monitor")
     csv = tmp / "churn.csv"
-    _make_churn(6000, 0).to_csv(csv, index=False)
-    spec = parse_spec(
-        {
-            "name": NAME,
-            "task": "classification",
-            "data": {"source": str(csv), "target": "churn", "categorical": ["plan", "region"]},
-            "metric": "accuracy",
-            "models": [{"type": "sklearn", "estimator": "sklearn.linear_model.LogisticRegression"}],
-            "monitor": {"window": WINDOW},
-        }
-    )
+    make_churn(6000, 0).to_csv(csv, index=False)
+    raw = churn_spec(csv, name=NAME, metric="accuracy", models=[LOGREG], monitor={"window": WINDOW})
+    spec = parse_spec(raw)
     splits = load_splits(spec.data, spec.task)
     schema = splits.schema
     pre = fit_preprocessor(spec.preprocess, schema, splits.X_train)
@@ -212,7 +198,7 @@ def drift(url: str) -> httpx.Response:
 
 def fresh(rows: int, seed: int) -> pd.DataFrame:
     """New rows from the training distribution (the generator, another seed)."""
-    return _make_churn(rows, seed).drop(columns=["churn"])
+    return make_churn(rows, seed).drop(columns=["churn"])
 
 
 def test_traffic_from_the_training_distribution_flags_no_feature(monitored, port):

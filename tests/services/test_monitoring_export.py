@@ -19,6 +19,9 @@ import pytest
 from served import ray_with_metrics, rows_of
 
 ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "tests" / "training"))
+from specs import LOGREG, churn_spec, make_churn  # noqa: E402
+
 NAME = "churn-dashboard"
 
 
@@ -46,17 +49,9 @@ def model(tmp_path_factory, register_without_search) -> tuple[str, object]:
 
     tmp = tmp_path_factory.mktemp("dashboard")
     csv = tmp / "churn.csv"
-    _load(ROOT / "examples" / "make_csv.py").make_churn(rows=3000, seed=0).to_csv(csv, index=False)
-    spec = parse_spec(
-        {
-            "name": NAME,
-            "task": "classification",
-            "data": {"source": str(csv), "target": "churn", "categorical": ["plan", "region"]},
-            "metric": "accuracy",
-            "models": [{"type": "sklearn", "estimator": "sklearn.linear_model.LogisticRegression"}],
-            "monitor": {"window": 200},
-        }
-    )
+    make_churn(rows=3000, seed=0).to_csv(csv, index=False)
+    raw = churn_spec(csv, name=NAME, metric="accuracy", models=[LOGREG], monitor={"window": 200})
+    spec = parse_spec(raw)
     outcome = register_without_search(spec, tmp, production=True)
     assert outcome.version == "1"
     return registry.tracking_uri(tmp), outcome.splits.X_test

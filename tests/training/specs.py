@@ -11,6 +11,9 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[2]
 
 
+# A LogisticRegression family with scikit-learn's default parameters (no search space).
+LOGREG = {"type": "sklearn", "estimator": "sklearn.linear_model.LogisticRegression"}
+
 # One valid churn row (the columns of examples/make_csv.py's churn table).
 CHURN_ROW = {
     "plan": "basic",
